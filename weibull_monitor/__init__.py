@@ -1,0 +1,41 @@
+"""weibull-monitor: watch the Weibull shape k and scale lambda of every transformer weight matrix while it trains.
+
+Heavy or optional pieces are imported on first use, so ``import weibull_monitor`` stays cheap and never pulls in
+transformers, lightning, wandb or tensorboard.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "fit_weibull": "weibull_monitor.fit",
+    "fit_many": "weibull_monitor.fit",
+    "WeibullFit": "weibull_monitor.fit",
+    "K_GAUSSIAN": "weibull_monitor.fit",
+    "LAMBDA_PER_SIGMA": "weibull_monitor.fit",
+    "WeightHistogram": "weibull_monitor.histogram",
+    "WeibullMonitor": "weibull_monitor.monitor",
+    "Snapshot": "weibull_monitor.monitor",
+    "RunStore": "weibull_monitor.store",
+    "Alert": "weibull_monitor.alerts",
+    "Role": "weibull_monitor.roles",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weibull_monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""Framework adapters (Hugging Face Trainer, Lightning). Import the submodule you need; each imports its framework."""
