@@ -1,0 +1,534 @@
+"""Alert rules: turn a snapshot's fits and dynamics into leveled, de-duplicated alerts.
+
+A :class:`Rule` only says *what* breaches in one snapshot (:meth:`Rule.evaluate` -> list of :class:`Breach`).
+*When* a breach becomes an :class:`Alert` is the :class:`AlertEngine`'s job, identical for every rule:
+
+- ``warmup``: the rule is not evaluated before this optimizer step;
+- ``patience``: a key must breach in this many consecutive snapshots (a snapshot without the breach resets it);
+- ``cooldown``: after firing, the same (rule, key) stays quiet for this many optimizer steps;
+- ``once``: the (rule, key) fires at most once per run.
+
+The engine's counters are plain data (:meth:`AlertEngine.state_dict`) so a resumed run neither re-fires an
+alert nor loses a streak. A rule that raises is reported once and skipped; it never stops training.
+
+Adding a rule takes one small class::
+
+    class LowR2(Rule):
+        name, level = "low_r2", "warning"
+
+        def evaluate(self, snapshot):
+            return [Breach(key, (key,), {"r2": fit.r2}, f"{key}: R2 {fit.r2:.3f}")
+                    for key, fit in snapshot.fits.items() if fit.ok and fit.r2 < 0.9]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from weibull_monitor import expectations
+
+logger = logging.getLogger("weibull_monitor.alerts")
+
+LEVELS = ("info", "warning", "critical")
+#: Python logging level used for each alert level.
+LOGGING_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.CRITICAL}
+_STATE_VERSION = 1
+_KEY_SEPARATOR = "\x1f"  # rule names and keys are user text: join them with a byte nobody types
+
+
+def _check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"alert level must be one of {LEVELS}, got {level!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One fired alert: what, where, how bad, the measured figures and a one-line message for humans."""
+
+    step: int
+    rule: str
+    level: str
+    key: str
+    matrices: tuple[str, ...]
+    values: dict[str, float]
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "rule": self.rule,
+            "level": self.level,
+            "key": self.key,
+            "matrices": list(self.matrices),
+            "values": dict(self.values),
+            "message": self.message,
+        }
+
+    def __str__(self) -> str:
+        return f"[{self.level}] {self.rule} at step {self.step}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Breach:
+    """What a rule found in one snapshot. ``key`` identifies the condition across snapshots (for patience,
+    cooldown, once); ``level`` overrides the rule's level for this breach only."""
+
+    key: str
+    matrices: tuple[str, ...]
+    values: dict[str, float]
+    message: str
+    level: str | None = None
+
+
+class Rule:
+    """Base class of alert rules. Subclasses set ``name``/``level`` and implement :meth:`evaluate`.
+
+    The class attributes are the defaults; the constructor's keywords override them per instance.
+    ``warmup`` and ``cooldown`` are in optimizer steps, ``patience`` in snapshots.
+    """
+
+    name: str = ""
+    level: str = "warning"
+    warmup: int = 0
+    patience: int = 1
+    cooldown: int = 0
+    once: bool = False
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        level: str | None = None,
+        warmup: int | None = None,
+        patience: int | None = None,
+        cooldown: int | None = None,
+        once: bool | None = None,
+    ) -> None:
+        if name is not None:
+            self.name = name
+        if level is not None:
+            self.level = _check_level(level)
+        if warmup is not None:
+            self.warmup = int(warmup)
+        if patience is not None:
+            if patience < 1:
+                raise ValueError(f"patience must be >= 1 snapshot, got {patience}")
+            self.patience = int(patience)
+        if cooldown is not None:
+            if cooldown < 0:
+                raise ValueError(f"cooldown must be >= 0 steps, got {cooldown}")
+            self.cooldown = int(cooldown)
+        if once is not None:
+            self.once = bool(once)
+
+    @property
+    def rule_name(self) -> str:
+        return self.name or type(self).__name__
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        """The breaches in one snapshot (empty list: all fine)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.rule_name!r}, level={self.level!r}, warmup={self.warmup}, "
+            f"patience={self.patience}, cooldown={self.cooldown}, once={self.once})"
+        )
+
+
+@dataclass
+class _KeyState:
+    streak: int = 0
+    last_fired: int | None = None
+    fired: bool = False
+
+
+@dataclass
+class AlertEngine:
+    """Applies warmup, patience, cooldown and once to every rule's breaches; resumable via ``state_dict``."""
+
+    rules: Sequence[Rule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rules = list(self.rules)
+        names = [rule.rule_name for rule in self.rules]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"alert rule names must be unique, duplicated: {sorted(duplicates)}")
+        for rule in self.rules:
+            _check_level(rule.level)
+        self._state: dict[str, _KeyState] = {}
+        self._broken_rules: set[str] = set()
+
+    def __call__(self, snapshot: Any) -> list[Alert]:
+        step = int(snapshot.step)
+        alerts: list[Alert] = []
+        for rule in self.rules:
+            name = rule.rule_name
+            if step < rule.warmup:
+                continue
+            try:
+                breaches = list(rule.evaluate(snapshot))
+            except Exception:  # a broken rule is reported once and never stops training
+                if name not in self._broken_rules:
+                    self._broken_rules.add(name)
+                    logger.exception("alert rule %s raised; it is skipped until it evaluates again", name)
+                continue
+            if name in self._broken_rules:
+                self._broken_rules.discard(name)
+                logger.warning("alert rule %s evaluates again", name)
+            breached = {b.key: b for b in breaches}
+            prefix = name + _KEY_SEPARATOR
+            for state_key, state in self._state.items():  # keys that stopped breaching lose their streak
+                if state_key.startswith(prefix) and state_key[len(prefix) :] not in breached:
+                    state.streak = 0
+            for key, breach in breached.items():
+                state = self._state.setdefault(prefix + key, _KeyState())
+                state.streak += 1
+                if state.streak < rule.patience:
+                    continue
+                if rule.once and state.fired:
+                    continue
+                if state.last_fired is not None and step - state.last_fired < rule.cooldown:
+                    continue
+                state.fired = True
+                state.last_fired = step
+                alerts.append(
+                    Alert(
+                        step=step,
+                        rule=name,
+                        level=_check_level(breach.level or rule.level),
+                        key=key,
+                        matrices=tuple(breach.matrices),
+                        values={k: float(v) for k, v in breach.values.items()},
+                        message=breach.message,
+                    )
+                )
+        return alerts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters as JSON-friendly plain data."""
+        return {
+            "version": _STATE_VERSION,
+            "keys": {
+                key: {"streak": s.streak, "last_fired": s.last_fired, "fired": s.fired}
+                for key, s in self._state.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"not an AlertEngine state of version {_STATE_VERSION}: {state!r:.200}")
+        self._state = {
+            key: _KeyState(
+                int(v["streak"]), None if v["last_fired"] is None else int(v["last_fired"]), bool(v["fired"])
+            )
+            for key, v in state["keys"].items()
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in rules. They read ``snapshot.fits`` / ``snapshot.roles`` / ``snapshot.matrices`` (per-matrix
+# dynamics, see weibull_monitor.dynamics.MatrixStats) / ``snapshot.aggregates``; matrices whose fit is not ok
+# are ignored except by NonFiniteWeights.
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _class_members(snapshot: Any, klass: str) -> list[str]:
+    """Keys of the ok fits of a class that count in the class aggregates (each weight element once)."""
+    stats = getattr(snapshot, "matrices", {}) or {}
+    members = []
+    for key, role in snapshot.roles.items():
+        fit = snapshot.fits.get(key)
+        if role is None or role.klass != klass or fit is None or not fit.ok:
+            continue
+        if key in stats and not stats[key].in_aggregates:
+            continue
+        members.append(key)
+    return members
+
+
+def _short(key: str, snapshot: Any) -> str:
+    stats = getattr(snapshot, "matrices", {}) or {}
+    metric = getattr(stats.get(key), "metric_key", None)
+    return metric.removeprefix("weibull/k/") if metric else key
+
+
+def _expectation_note(snapshot: Any, klass: str) -> str:
+    band = expectations.expected_band(klass, getattr(snapshot, "attention_kind", None))
+    return f" (paper: {band})" if band else ""
+
+
+class SelectionCollapse(Rule):
+    """Selection (W_q, W_k) median k below ``threshold`` (warning), or any single Selection matrix below
+    ``matrix_threshold`` (``matrix_level``, critical by default).
+
+    Separate-Q/K models legitimately reach medians of 0.76-0.99 ("deep selection"); the message quotes the
+    expectation for the model's attention kind so the reader can judge.
+    """
+
+    name = "selection_collapse"
+    level = "warning"
+    patience = 2
+    cooldown = 1000
+
+    def __init__(
+        self,
+        threshold: float = expectations.STRONG_SELECTION_BELOW,
+        matrix_threshold: float = 0.6,
+        matrix_level: str = "critical",
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.threshold = float(threshold)
+        self.matrix_threshold = float(matrix_threshold)
+        self.matrix_level = _check_level(matrix_level)
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        members = _class_members(snapshot, "selection")
+        if not members:
+            return []
+        ks = {key: snapshot.fits[key].k for key in members}
+        breaches = []
+        median = statistics.median(ks.values())
+        if median < self.threshold:
+            breaches.append(
+                Breach(
+                    "median",
+                    tuple(members),
+                    {"k_median": median, "threshold": self.threshold, "n_matrices": len(members)},
+                    f"Selection median k {median:.3f} < {self.threshold:.2f} over {len(members)} matrices"
+                    + _expectation_note(snapshot, "selection"),
+                )
+            )
+        low = sorted((k, key) for key, k in ks.items() if k < self.matrix_threshold)
+        if low:
+            k_min, key_min = low[0]
+            breaches.append(
+                Breach(
+                    "matrix",
+                    tuple(key for _, key in low),
+                    {"k_min": k_min, "threshold": self.matrix_threshold, "n_matrices": len(low)},
+                    f"{len(low)} Selection matrices below k {self.matrix_threshold:.2f}, lowest "
+                    f"{_short(key_min, snapshot)} k={k_min:.3f}",
+                    level=self.matrix_level,
+                )
+            )
+        return breaches
+
+
+class SelectionDepartureOnset(Rule):
+    """First statistically significant departure of Selection matrices from the Gaussian anchor (info, once).
+
+    A matrix departs when |k - K_GAUSSIAN| >= ``min_drift`` and |drift| / k_stderr >= ``z``.
+    """
+
+    name = "selection_departure_onset"
+    level = "info"
+    once = True
+
+    def __init__(self, z: float = 5.0, min_drift: float = expectations.AT_INIT_TOLERANCE, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.z = float(z)
+        self.min_drift = float(min_drift)
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        stats = getattr(snapshot, "matrices", {}) or {}
+        departed = []
+        for key in _class_members(snapshot, "selection"):
+            s = stats.get(key)
+            if s is None or not _finite(s.drift) or not _finite(s.drift_z):
+                continue
+            if abs(s.drift) >= self.min_drift and abs(s.drift_z) >= self.z:
+                departed.append((abs(s.drift_z), key, s))
+        if not departed:
+            return []
+        departed.sort(reverse=True)
+        _, key, s = departed[0]
+        return [
+            Breach(
+                "selection",
+                tuple(k for _, k, _ in departed),
+                {
+                    "n_matrices": len(departed),
+                    "drift": s.drift,
+                    "drift_z": s.drift_z,
+                    "k": snapshot.fits[key].k,
+                },
+                f"Selection leaves the Gaussian anchor: {len(departed)} matrices significant, strongest "
+                f"{_short(key, snapshot)} k={snapshot.fits[key].k:.3f} (drift {s.drift:+.3f}, {s.drift_z:+.1f} sigma)",
+            )
+        ]
+
+
+def median_stderr(stderrs: Iterable[float]) -> float:
+    """Standard error of a median of m estimates with typical standard error s: ~1.2533·s/√m (normal errors)."""
+    values = [s for s in stderrs if _finite(s)]
+    if not values:
+        return math.nan
+    return 1.2533 * statistics.median(values) / math.sqrt(len(values))
+
+
+class TransmissionOutOfBand(Rule):
+    """Transmission (FFN, W_o) median k outside ``band`` by more than ``z`` standard errors of the median."""
+
+    name = "transmission_out_of_band"
+    level = "warning"
+    patience = 3
+    cooldown = 1000
+
+    def __init__(self, band: tuple[float, float] = expectations.TRANSMISSION_BAND, z: float = 3.0, **kw: Any):
+        super().__init__(**kw)
+        low, high = band
+        if not low < high:
+            raise ValueError(f"band must be (low, high) with low < high, got {band}")
+        self.band = (float(low), float(high))
+        self.z = float(z)
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        members = _class_members(snapshot, "transmission")
+        if not members:
+            return []
+        median = statistics.median(snapshot.fits[key].k for key in members)
+        se = median_stderr(snapshot.fits[key].k_stderr for key in members)
+        margin = self.z * se if _finite(se) else 0.0
+        low, high = self.band
+        if low - margin <= median <= high + margin:
+            return []
+        return [
+            Breach(
+                "median",
+                tuple(members),
+                {"k_median": median, "band_low": low, "band_high": high, "stderr": se},
+                f"Transmission median k {median:.4f} outside [{low:.2f}, {high:.2f}] "
+                f"(+-{margin:.4f} noise allowance) over {len(members)} matrices",
+            )
+        ]
+
+
+class NonWeibullShape(Rule):
+    """A matrix whose middle-80% Weibull regression has R² below ``r2_min``: it left the Weibull family.
+    The alert carries distribution-free quantile ratios instead (Q90/Q10, Q99/Q50, P99.9/P50)."""
+
+    name = "non_weibull_shape"
+    level = "warning"
+    cooldown = 1000
+
+    def __init__(self, r2_min: float = expectations.R2_WEIBULL_MIN, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.r2_min = float(r2_min)
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        breaches = []
+        for key, fit in snapshot.fits.items():
+            if not fit.ok or not _finite(fit.r2) or fit.r2 >= self.r2_min:
+                continue
+            ratios = {
+                name: float(getattr(fit, name, math.nan))
+                for name in ("q90_over_q10", "q99_over_q50", "q999_over_q50")
+            }
+            breaches.append(
+                Breach(
+                    key,
+                    (key,),
+                    {"r2": fit.r2, "k": fit.k, "r2_min": self.r2_min, **ratios},
+                    f"{_short(key, snapshot)} is not Weibull: R2 {fit.r2:.3f} < {self.r2_min:.2f}; "
+                    f"Q90/Q10 {ratios['q90_over_q10']:.3g}, Q99/Q50 {ratios['q99_over_q50']:.3g}, "
+                    f"P99.9/P50 {ratios['q999_over_q50']:.3g}",
+                )
+            )
+        return breaches
+
+
+class ScaleRunaway(Rule):
+    """Scale λ growing out of hand: λ/λ_first above ``max_growth``, or λ/√(η_peak/λ_wd) above
+    ``max_over_expectation`` × ``expectation_constant`` (Pythia's 0.087 by default; families differ, so the
+    multiple is generous). Matrices without weight decay skip the second test."""
+
+    name = "scale_runaway"
+    level = "warning"
+    patience = 2
+    cooldown = 1000
+
+    def __init__(
+        self,
+        max_growth: float = 5.0,
+        max_over_expectation: float | None = 10.0,
+        expectation_constant: float = expectations.PYTHIA_SCALE_PER_SQRT_LR_WD,
+        classes: Sequence[str] = ("selection", "transmission", "value", "mixed"),
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.max_growth = float(max_growth)
+        self.max_over_expectation = None if max_over_expectation is None else float(max_over_expectation)
+        self.expectation_constant = float(expectation_constant)
+        self.classes = tuple(classes)
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        stats = getattr(snapshot, "matrices", {}) or {}
+        breaches = []
+        for key, fit in snapshot.fits.items():
+            role, s = snapshot.roles.get(key), stats.get(key)
+            if not fit.ok or role is None or role.klass not in self.classes or s is None:
+                continue
+            growth, ratio = s.scale_growth, s.scale_over_sqrt_peak_lr_wd
+            limit = (
+                None
+                if self.max_over_expectation is None
+                else self.max_over_expectation * self.expectation_constant
+            )
+            if _finite(growth) and growth > self.max_growth:
+                message = f"{_short(key, snapshot)} scale grew {growth:.2f}x since the first snapshot (> {self.max_growth:g}x)"
+            elif limit is not None and _finite(ratio) and ratio > limit:
+                message = (
+                    f"{_short(key, snapshot)} scale/sqrt(lr_peak/wd) = {ratio:.3g} > {limit:.3g} "
+                    f"({self.max_over_expectation:g}x the expectation {self.expectation_constant:g})"
+                )
+            else:
+                continue
+            values = {"scale": fit.scale, "scale_growth": growth, "scale_over_sqrt_peak_lr_wd": ratio}
+            breaches.append(Breach(key, (key,), {k: v for k, v in values.items() if _finite(v)}, message))
+        return breaches
+
+
+class NonFiniteWeights(Rule):
+    """Any NaN or ±inf element in a monitored matrix: critical, at once (no patience, no cooldown)."""
+
+    name = "non_finite_weights"
+    level = "critical"
+
+    def evaluate(self, snapshot: Any) -> list[Breach]:
+        bad = {key: fit.n_nonfinite for key, fit in snapshot.fits.items() if fit.n_nonfinite > 0}
+        if not bad:
+            return []
+        worst = max(bad, key=bad.__getitem__)
+        return [
+            Breach(
+                "weights",
+                tuple(sorted(bad)),
+                {"n_matrices": len(bad), "n_nonfinite": sum(bad.values())},
+                f"{sum(bad.values())} non-finite weights in {len(bad)} matrices, most in "
+                f"{_short(worst, snapshot)} ({bad[worst]})",
+            )
+        ]
+
+
+def default_rules() -> list[Rule]:
+    """A fresh instance of every built-in rule with its default thresholds."""
+    return [
+        SelectionCollapse(),
+        SelectionDepartureOnset(),
+        TransmissionOutOfBand(),
+        NonWeibullShape(),
+        ScaleRunaway(),
+        NonFiniteWeights(),
+    ]
