@@ -1,11 +1,18 @@
-"""The ``weibull-monitor`` command (scan, report, demo are filled in by the CLI module's work)."""
+"""The ``weibull-monitor`` command: ``scan`` saved checkpoints, ``report`` a run store, run the ``demo``.
+
+Errors a user can fix (a missing file, a checkpoint that needs pickle, a missing optional package) end the command
+with a one-line message and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from weibull_monitor import __version__
+
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,8 +21,118 @@ def build_parser() -> argparse.ArgumentParser:
         description="Weibull shape/scale diagnostics of transformer weight matrices.",
     )
     parser.add_argument("--version", action="version", version=f"weibull-monitor {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    scan = commands.add_parser(
+        "scan",
+        help="fit every weight matrix of saved checkpoints",
+        description=(
+            "Fit the Weibull shape k and scale of every weight matrix in PATH: a .safetensors file, a sharded "
+            "*.index.json, a Hugging Face model directory, a directory of checkpoint-*/step* subdirectories (a "
+            "series ordered by step), a Lightning .ckpt, a PyTorch .pt/.bin (weights only, never pickle code) or a "
+            "GGUF file. Prints summary tables beside the paper's expectations unless --json or --csv is given."
+        ),
+    )
+    scan.add_argument(
+        "paths", nargs="+", metavar="PATH", help="checkpoint file, model directory or series directory"
+    )
+    output = scan.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON list of per-matrix rows")
+    output.add_argument("--csv", action="store_true", help="print per-matrix rows as CSV")
+    scan.add_argument(
+        "--method",
+        choices=("histogram", "exact"),
+        default="histogram",
+        help="histogram: bf16-code histogram (fast, default); exact: full sort",
+    )
+    scan.add_argument(
+        "--store", metavar="FILE", help="also write the fits into this SQLite run store (for `report`)"
+    )
+    scan.add_argument(
+        "--run-name", metavar="NAME", help="run name in the store (default: scan:<resolved PATH>)"
+    )
+    scan.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read through symlinks that leave the checkpoint directory (e.g. a Hugging Face cache snapshot)",
+    )
+    scan.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+
+    report = commands.add_parser(
+        "report",
+        help="draw figures and an HTML page from a run store",
+        description="Write PNG figures and one HTML page (index.html) from a run store written by a run or a scan.",
+    )
+    report.add_argument("store", metavar="STORE", help="SQLite run store")
+    report.add_argument(
+        "-o", "--out", metavar="DIR", default=None, help="output directory (default: <STORE>_report)"
+    )
+    report.add_argument("--run", metavar="NAME_OR_ID", default=None, help="which run (default: every run)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a tiny LLaMA on the standard library's source and show the monitor at work",
+        description=(
+            "Train a tiny LLaMA-style model on CPU, byte-level, on the Python standard library's own source (no "
+            "download) through the Hugging Face Trainer with the Weibull callback; log to offline W&B, TensorBoard "
+            "and a run store; then write the report and print where everything is."
+        ),
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: the full demo, ~3 min)"
+    )
+    demo.add_argument(
+        "--out", metavar="DIR", default="weibull-demo", help="output directory (default: weibull-demo)"
+    )
+    demo.add_argument("--every", type=int, default=None, help="observe every N steps (default: steps / 30)")
+    demo.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from weibull_monitor import scan as scanning
+
+    progress = False if args.no_progress else None
+    all_results = []
+    for path in args.paths:
+        results = scanning.scan_path(
+            path, method=args.method, follow_symlinks=args.follow_symlinks, progress=progress
+        )
+        if args.store:
+            run_name = args.run_name if len(args.paths) == 1 else None
+            run_id = scanning.write_store(results, args.store, source=path, run_name=run_name)
+            print(
+                f"stored {len(results)} snapshot(s) of {path} in {args.store} (run {run_id})", file=sys.stderr
+            )
+        all_results.append(results)
+    flat = [r for results in all_results for r in results]
+    if args.json:
+        print(scanning.rows_to_json(flat))
+    elif args.csv:
+        sys.stdout.write(scanning.rows_to_csv(flat))
+    else:
+        print("\n\n".join(scanning.format_tables(results) for results in all_results))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from weibull_monitor.report import write_report
+
+    store = Path(args.store)
+    if not store.is_file():
+        raise FileNotFoundError(f"{store}: no such run store")
+    out = Path(args.out) if args.out else store.with_name(store.stem + "_report")
+    page = write_report(store, out, run=args.run)
+    print(f"report: {page}")
+    print(f"open it with: python -m webbrowser file://{page.resolve()}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from weibull_monitor.demo import run_demo
+
+    run_demo(steps=args.steps, out=Path(args.out), every=args.every, seed=args.seed)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    from weibull_monitor.loaders import LoaderError
+
+    handlers = {"scan": _scan, "report": _report, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (LoaderError, FileNotFoundError, ImportError) as exc:
+        print(f"weibull-monitor {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `scan ... | head`: the reader left, nothing to report
+        return 0
 
 
 if __name__ == "__main__":
