@@ -1,0 +1,99 @@
+"""Lightning logger sink: weibull-monitor output through any ``lightning.pytorch`` logger.
+
+Metrics go through the logger's own ``log_metrics`` (so CSV, TensorBoard, W&B, MLflow, Comet, Neptune loggers all
+work). Loggers with a richer surface get more: a ``WandbLogger`` gets W&B alerts, the table of fits and the k
+heatmap; a ``TensorBoardLogger`` gets the custom-scalars layout and its reference lines. Lightning is not imported
+here: loggers are recognised by duck typing, so this module loads without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from weibull_monitor.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from weibull_monitor.alerts import Alert
+    from weibull_monitor.monitor import Snapshot
+
+#: The history key Lightning's ``WandbLogger`` plots everything against.
+LIGHTNING_WANDB_STEP = "trainer/global_step"
+
+
+def _is_wandb_logger(logger: Any) -> bool:
+    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
+
+
+def _is_tensorboard_logger(logger: Any) -> bool:
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+class LightningLoggerSink(Sink):
+    """Wrap one Lightning logger as a sink.
+
+    Args:
+        logger: a ``lightning.pytorch.loggers.Logger`` (anything with ``log_metrics(metrics, step)``).
+        rich: also send alerts, tables, heatmaps (W&B) and the custom-scalars layout (TensorBoard) where the
+            logger supports them.
+        heatmap_every: for a W&B logger, log the layer x step heatmap of k every this many snapshots.
+    """
+
+    # Lightning calls its loggers from the training thread and some (CSV) are not safe to share with another.
+    run_in_thread = False
+
+    def __init__(self, logger: Any, *, rich: bool = True, heatmap_every: int = 5) -> None:
+        if not callable(getattr(logger, "log_metrics", None)):
+            raise TypeError(
+                f"LightningLoggerSink needs a logger with log_metrics(), got {type(logger).__name__}"
+            )
+        self.logger = logger
+        self.rich = rich
+        self.heatmap_every = heatmap_every
+        self._rich_sink: Sink | None = None
+        self._rich_sink_made = False
+        self._alert_counts: dict[str, int] = {}
+
+    @property
+    def name(self) -> str:
+        return f"LightningLoggerSink({type(self.logger).__name__})"
+
+    def _rich(self) -> Sink | None:
+        """The sink for the logger's richer surface, made on first need (``experiment`` may start a W&B run)."""
+        if not self._rich_sink_made:
+            self._rich_sink_made = True
+            if self.rich and _is_wandb_logger(self.logger):
+                from weibull_monitor.sinks.wandb_sink import WandbSink
+
+                self._rich_sink = WandbSink(
+                    self.logger.experiment, step_metric=LIGHTNING_WANDB_STEP, heatmap_every=self.heatmap_every
+                )
+            elif self.rich and _is_tensorboard_logger(self.logger):
+                from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink
+
+                self._rich_sink = TensorBoardSink(self.logger.experiment)
+        return self._rich_sink
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            self.logger.log_metrics({key: float(value) for key, value in metrics.items()}, step=int(step))
+
+    def log_alert(self, alert: Alert) -> None:
+        rich = self._rich()
+        if rich is not None:
+            rich.log_alert(alert)  # W&B: run.alert + counter; TensorBoard: counter + text
+            return
+        self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
+        self.logger.log_metrics(
+            {f"weibull/alerts/{alert.level}": float(self._alert_counts[alert.level])}, step=alert.step
+        )
+
+    def log_snapshot(self, snapshot: Snapshot) -> None:
+        rich = self._rich()
+        if rich is not None:
+            rich.log_snapshot(snapshot)
+
+    def close(self) -> None:
+        # The logger belongs to the Trainer; only our own helper is let go (it never closes a shared writer).
+        if self._rich_sink is not None:
+            self._rich_sink.close()
+        self._rich_sink = None

@@ -1,0 +1,119 @@
+"""MLflow sink: metrics in batches against the training step, alerts as tags and counters, fits as JSON artifacts.
+
+MLflow is imported lazily. The sink logs to one run, by id, through ``MlflowClient`` so it never depends on
+(or changes) which run is "active" in the calling thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from weibull_monitor.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from weibull_monitor.alerts import Alert
+    from weibull_monitor.monitor import Snapshot
+
+#: MLflow accepts at most this many metrics in one ``log_batch`` call.
+MLFLOW_BATCH_LIMIT = 1000
+
+
+class MLflowSink(Sink):
+    """Send weibull-monitor output to an MLflow run.
+
+    Args:
+        run_id: the run to log to; ``None`` means the active run (``mlflow.active_run()``) at first use.
+        tracking_uri: tracking server or store for the client; ``None`` uses MLflow's configured one.
+        log_fits: write each snapshot's fits as ``weibull/fits/step_<step>.json`` into the run's artifacts.
+    """
+
+    def __init__(
+        self, run_id: str | None = None, *, tracking_uri: str | None = None, log_fits: bool = True
+    ) -> None:
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.log_fits = log_fits
+        self._client: Any = None
+        self._alert_counts: dict[str, int] = {}
+
+    def _target(self) -> tuple[Any, str]:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.run_id is None:
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is None:
+                raise RuntimeError(
+                    "MLflowSink: no active MLflow run; call mlflow.start_run() first or pass run_id="
+                )
+            self.run_id = active.info.run_id
+        return self._client, self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        client, run_id = self._target()
+        now_ms = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            batch.append(Metric(key=key, value=number, timestamp=now_ms, step=int(step)))
+        for start in range(0, len(batch), MLFLOW_BATCH_LIMIT):
+            client.log_batch(run_id, metrics=batch[start : start + MLFLOW_BATCH_LIMIT])
+
+    def log_alert(self, alert: Alert) -> None:
+        client, run_id = self._target()
+        self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
+        self.log_metrics({f"weibull/alerts/{alert.level}": self._alert_counts[alert.level]}, alert.step)
+        client.set_tag(
+            run_id,
+            "weibull.last_alert",
+            f"{alert.level} {alert.rule} at step {alert.step}: {alert.message}"[:5000],
+        )
+
+    def log_snapshot(self, snapshot: Snapshot) -> None:
+        if not self.log_fits:
+            return
+        client, run_id = self._target()
+        rows = []
+        for key in sorted(snapshot.fits):
+            fit = snapshot.fits[key]
+            role = snapshot.roles.get(key)
+            rows.append(
+                {
+                    "name": key,
+                    "layer": None if role is None else role.layer,
+                    "component": None if role is None else role.component,
+                    "klass": None if role is None else role.klass,
+                    "k": _json_number(fit.k),
+                    "k_stderr": _json_number(fit.k_stderr),
+                    "scale": _json_number(fit.scale),
+                    "r2": _json_number(fit.r2),
+                    "n": int(fit.n),
+                    "ok": bool(fit.ok),
+                    "reason": fit.reason,
+                }
+            )
+        client.log_dict(
+            run_id,
+            {"step": int(snapshot.step), "fits": rows},
+            f"weibull/fits/step_{int(snapshot.step):08d}.json",
+        )
+
+    def close(self) -> None:
+        # The run belongs to whoever started it; ending it is theirs.
+        self._client = None
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no nan/inf: unknown numbers become null."""
+    number = float(value)
+    return number if math.isfinite(number) else None

@@ -1,0 +1,170 @@
+"""TensorBoard sink: scalars, reference lines and a custom-scalars layout registered once per writer.
+
+The writer is anything with ``add_scalar`` and ``add_custom_scalars`` (``torch.utils.tensorboard.SummaryWriter``,
+tensorboardX, Lightning's ``TensorBoardLogger.experiment``); it is imported lazily, only when the sink has to make one.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from weibull_monitor.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from weibull_monitor.alerts import Alert
+    from weibull_monitor.monitor import Snapshot
+
+#: Components that get a per-layer k chart (``weibull/k/L<layer>/<component>``).
+LAYERED_COMPONENTS = ("q", "k", "v", "o", "qkv", "ffn_up", "ffn_gate", "ffn_down", "ffn_gate_up")
+
+REF_K_GAUSSIAN = "weibull/ref/k_gaussian"
+REF_TRANSMISSION_LOW = "weibull/ref/transmission_band_low"
+REF_TRANSMISSION_HIGH = "weibull/ref/transmission_band_high"
+REF_SELECTION_LOW = "weibull/ref/selection_band_low"
+REF_SELECTION_HIGH = "weibull/ref/selection_band_high"
+
+# Writers that already carry the layout. Weak, so a closed writer is forgotten; ids as a fallback for writers
+# that do not accept weak references.
+_LAYOUT_WRITERS: weakref.WeakSet = weakref.WeakSet()
+_LAYOUT_WRITER_IDS: set[int] = set()
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout (the format of ``SummaryWriter.add_custom_scalars``).
+
+    Class medians of k with the Gaussian anchor and the Transmission (and, when known, Selection) band; the
+    Transmission median as a margin chart inside its band; scale growth and T/tau; one chart per component with
+    every layer's k (regular expressions, so layers need not be known in advance).
+    """
+    medians = [
+        "weibull/selection/k_median",
+        "weibull/transmission/k_median",
+        "weibull/value/k_median",
+        REF_K_GAUSSIAN,
+        REF_TRANSMISSION_LOW,
+        REF_TRANSMISSION_HIGH,
+        REF_SELECTION_LOW,
+        REF_SELECTION_HIGH,
+    ]
+    return {
+        "weibull: classes": {
+            "k median of Selection and Transmission, Gaussian anchor and bands": ["Multiline", medians],
+            "Transmission k median inside its band": [
+                "Margin",
+                ["weibull/transmission/k_median", REF_TRANSMISSION_LOW, REF_TRANSMISSION_HIGH],
+            ],
+            "Selection k median inside its expected band": [
+                "Margin",
+                ["weibull/selection/k_median", REF_SELECTION_LOW, REF_SELECTION_HIGH],
+            ],
+            "k drift from the anchor": ["Multiline", [r"^weibull/\w+/k_drift$"]],
+            "scale growth (lambda / lambda_first)": ["Multiline", [r"^weibull/\w+/scale_growth$"]],
+            "T / tau": ["Multiline", ["weibull/T_over_tau"]],
+            "alerts": ["Multiline", [r"^weibull/alerts/\w+$"]],
+        },
+        "weibull: per-layer k": {
+            f"k per layer: {component}": ["Multiline", [rf"^weibull/k/L\d+/{component}$"]]
+            for component in LAYERED_COMPONENTS
+        },
+    }
+
+
+def register_layout(writer: Any) -> bool:
+    """Add the custom-scalars layout to ``writer`` unless it already has it; True when it was added now."""
+    try:
+        if writer in _LAYOUT_WRITERS:
+            return False
+    except TypeError:
+        if id(writer) in _LAYOUT_WRITER_IDS:
+            return False
+    writer.add_custom_scalars(custom_scalars_layout())
+    try:
+        _LAYOUT_WRITERS.add(writer)
+    except TypeError:
+        _LAYOUT_WRITER_IDS.add(id(writer))
+    return True
+
+
+def reference_scalars(snapshot: Snapshot) -> dict[str, float]:
+    """Reference lines for the layout at a snapshot: Gaussian k, Transmission band, expected Selection band."""
+    from weibull_monitor.expectations import TRANSMISSION_BAND, expected_band
+    from weibull_monitor.fit import K_GAUSSIAN
+
+    refs = {
+        REF_K_GAUSSIAN: float(K_GAUSSIAN),
+        REF_TRANSMISSION_LOW: float(TRANSMISSION_BAND[0]),
+        REF_TRANSMISSION_HIGH: float(TRANSMISSION_BAND[1]),
+    }
+    selection = expected_band("selection", getattr(snapshot, "attention_kind", None))
+    if selection is not None:
+        refs[REF_SELECTION_LOW] = float(selection.low)
+        refs[REF_SELECTION_HIGH] = float(selection.high)
+    return refs
+
+
+class TensorBoardSink(Sink):
+    """Write weibull-monitor output to TensorBoard event files.
+
+    Args:
+        writer: an existing summary writer to share (the HF Trainer's or Lightning's); it stays open on ``close``.
+        log_dir: where to create a writer of our own when ``writer`` is None (closed on ``close``).
+        layout: register the custom-scalars layout (once per writer, however many sinks share it).
+    """
+
+    def __init__(self, writer: Any = None, *, log_dir: str | None = None, layout: bool = True) -> None:
+        if writer is None and log_dir is None:
+            raise ValueError("TensorBoardSink needs a writer or a log_dir")
+        self._writer = writer
+        self._owns_writer = writer is None
+        self.log_dir = log_dir if writer is None else getattr(writer, "log_dir", None) or log_dir
+        self.layout = layout
+        self._alert_counts: dict[str, int] = {}
+        self._closed = False
+
+    @property
+    def writer(self) -> Any:
+        if self._closed:
+            raise RuntimeError("TensorBoardSink is closed")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        if self.layout:
+            register_layout(self._writer)
+        return self._writer
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        writer = self.writer
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            writer.add_scalar(key, number, int(step))
+        writer.flush()
+
+    def log_alert(self, alert: Alert) -> None:
+        writer = self.writer
+        self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
+        writer.add_scalar(f"weibull/alerts/{alert.level}", self._alert_counts[alert.level], int(alert.step))
+        writer.add_text(
+            f"weibull/alerts/{alert.rule}",
+            f"**{alert.level}** (step {alert.step}): {alert.message}",
+            int(alert.step),
+        )
+        writer.flush()
+
+    def log_snapshot(self, snapshot: Snapshot) -> None:
+        writer = self.writer
+        for key, value in reference_scalars(snapshot).items():
+            if math.isfinite(value):
+                writer.add_scalar(key, value, int(snapshot.step))
+        writer.flush()
+
+    def close(self) -> None:
+        if self._owns_writer and self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._closed = True
