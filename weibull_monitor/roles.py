@@ -273,7 +273,7 @@ def _stack_of(name: str, encoder_decoder: bool | None) -> str | None:
 def _parts_for(component: str, name: str, shape: tuple[int, ...] | None, stacked: bool) -> tuple[str, ...]:
     if stacked:
         n_experts = shape[0] if shape else 0
-        inner = fused_inner_components(component, name)
+        inner = fused_inner_components(component, name) or (component,)
         return tuple(f"e{e}.{c}" for e in range(n_experts) for c in inner)
     return fused_inner_components(component, name)
 
