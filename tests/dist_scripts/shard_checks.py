@@ -1,0 +1,254 @@
+"""One rank of the sharded-collection checks (run on 2 gloo CPU processes by tests/test_distributed.py).
+
+Usage: RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python shard_checks.py OUT_DIR
+Writes OUT_DIR/rank<r>.json: for every check, the distributed fits and the single-process fits of the same full
+weights (computed on this rank before sharding), plus the sorted values each split share covers. The test compares
+them; this script asserts nothing itself so that every difference shows up in the test's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+
+def fit_row(fit) -> list:
+    return [
+        fit.k,
+        fit.scale,
+        fit.r2,
+        fit.n,
+        fit.n_zero,
+        fit.n_nonfinite,
+        bool(fit.ok),
+        fit.reason,
+        fit.method,
+    ]
+
+
+def fits_json(fits) -> dict:
+    return {key: fit_row(fit) for key, fit in fits.items()}
+
+
+def entries_for(model, config, shadow=None):
+    """Matrix entries the way the monitor builds them: the parameter, plus split views of fused parameters.
+
+    ``shadow`` maps a parameter name to a stand-in object to use instead of the model's parameter (ZeRO-3 checks).
+    """
+    from weibull_monitor import distributed, roles
+    from weibull_monitor.snapshot import MatrixEntry
+
+    params = dict(model.named_parameters())
+    entries = []
+    for name, role in roles.model_roles(model).items():
+        tensor = (shadow or {}).get(name, params[name])
+        entries.append(MatrixEntry(name, name, tensor, role))
+        if roles.fused_components(role):
+            for component, view in distributed.split_views(name, tensor, config).items():
+                key = roles.split_key(name, component)
+                entries.append(
+                    MatrixEntry(key, name, view, roles.view_role(name, role, component), component)
+                )
+    return entries
+
+
+def reference_fits(model, config, method="histogram"):
+    """Single-process fits of the full weights (plain tensors: no process group is consulted)."""
+    from weibull_monitor import roles
+    from weibull_monitor.fit import fit_many
+
+    named = []
+    params = dict(model.named_parameters())
+    for name, role in roles.model_roles(model).items():
+        weight = params[name].detach()
+        named.append((name, weight))
+        if roles.fused_components(role):
+            for component, view in roles.split_fused(name, weight, config, as_matrix=False).items():
+                named.append((roles.split_key(name, component), view))
+    return dict(fit_many(named, method=method)), dict(named)
+
+
+def gathered_share_values(entries) -> dict:
+    """For split entries: every rank's share values, gathered here for the test only (sorted lists)."""
+    from weibull_monitor import distributed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {}
+    for entry in entries:
+        if entry.component is None:
+            continue
+        kind = distributed._kind(entry.tensor)
+        pieces = distributed._local_pieces(entry.tensor, kind, 0, rank)
+        values = torch.cat([p.reshape(-1).float() for p in pieces]) if pieces else torch.empty(0)
+        mine[entry.key] = values.tolist()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    merged = {}
+    for part in everyone:
+        for key, values in part.items():
+            merged.setdefault(key, []).extend(values)
+    return {key: sorted(values) for key, values in merged.items()}
+
+
+def zero3_standin(weight: torch.Tensor, rank: int, world: int) -> torch.nn.Parameter:
+    """A parameter laid out like DeepSpeed ZeRO-3 partitions it (same attribute names), padding poisoned."""
+    flat = weight.detach().reshape(-1)
+    numel = flat.numel()
+    size = -(-numel // world)
+    part = torch.full((size,), 1.0e6, dtype=weight.dtype)  # padding past ds_numel must never be counted
+    start = rank * size
+    valid = max(0, min(size, numel - start))
+    part[:valid] = flat[start : start + valid]
+    param = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+    part.ds_numel = size
+    param.ds_tensor = part
+    param.ds_numel = numel
+    param.ds_shape = tuple(weight.shape)
+    param.ds_status = "NOT_AVAILABLE"
+    param.ds_process_group = None
+    return param
+
+
+def check_ddp(out: dict) -> None:
+    from weibull_monitor import distributed
+    from weibull_monitor.toy import tiny_llama
+
+    model = tiny_llama(
+        seed=1, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2
+    )
+    reference, _ = reference_fits(model, model.config)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    entries = entries_for(ddp.module, model.config)
+    out["ddp"] = {
+        "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+        "ref": fits_json(reference),
+    }
+    exact_ref, _ = reference_fits(model, model.config, method="exact")
+    out["ddp_exact"] = {
+        "dist": fits_json(distributed.compute_fits(entries, "exact")),
+        "ref": fits_json(exact_ref),
+    }
+    # Which rank histogrammed what: each rank should carry about half of the elements.
+    sizes = [e.tensor.numel() for e in entries]
+    owners = distributed._owners(sizes, dist.get_world_size())
+    out["ddp_load"] = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(dist.get_world_size())]
+    # Mismatched entry lists: a clean not-ok result on every rank, not a hang.
+    short = entries[:-1] if dist.get_rank() == 1 else entries
+    out["mismatch"] = fits_json(distributed.compute_fits(short, "histogram"))
+
+
+def check_fsdp2(out: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from weibull_monitor import distributed
+    from weibull_monitor.toy import tiny_llama
+
+    model = tiny_llama(
+        seed=2, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2
+    )
+    reference, _ = reference_fits(model, model.config)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    entries = entries_for(model, model.config)
+    out["fsdp2_llama_kinds"] = sorted({distributed._kind(e.tensor) for e in entries})
+    out["fsdp2_llama"] = {
+        "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+        "ref": fits_json(reference),
+    }
+
+
+def fused_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(3)
+    # 3 heads of 32: rows 288, the shard boundary (row 144) falls inside head 1's K block.
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=256,
+            hidden_size=96,
+            num_attention_heads=3,
+            num_hidden_layers=1,
+            intermediate_size=192,
+            max_position_embeddings=64,
+        )
+    )
+    torch.manual_seed(4)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=96, n_head=3, n_layer=1, n_positions=64))
+    return {"neox": neox, "gpt2": gpt2}
+
+
+def check_fused_fsdp2(out: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from weibull_monitor import distributed
+
+    for name, model in fused_models().items():
+        reference, full = reference_fits(model, model.config)
+        fully_shard(model)
+        entries = entries_for(model, model.config)
+        out[f"fsdp2_{name}"] = {
+            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "ref": fits_json(reference),
+        }
+        values = gathered_share_values(entries)
+        out[f"fsdp2_{name}_values"] = {
+            key: [values[key] == sorted(full[key].reshape(-1).float().tolist()), len(values[key])]
+            for key in values
+        }
+
+
+def check_zero3_standin(out: dict) -> None:
+    from weibull_monitor import distributed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, model in fused_models().items():
+        reference, full = reference_fits(model, model.config)
+        shadow = {n: zero3_standin(p, rank, world) for n, p in model.named_parameters() if p.dim() == 2}
+        entries = entries_for(model, model.config, shadow)
+        out[f"zero3_{name}"] = {
+            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "ref": fits_json(reference),
+        }
+        values = gathered_share_values(entries)
+        out[f"zero3_{name}_values"] = {
+            key: [values[key] == sorted(full[key].reshape(-1).float().tolist()), len(values[key])]
+            for key in values
+        }
+
+
+def check_agree(out: dict) -> None:
+    from weibull_monitor import distributed
+
+    rank = dist.get_rank()
+    out["agree"] = [distributed.agree(rank == 1), distributed.agree(False), distributed.agree(True)]
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out: dict = {"world": dist.get_world_size()}
+    errors = {}
+    for check in (check_agree, check_ddp, check_fsdp2, check_fused_fsdp2, check_zero3_standin):
+        try:
+            check(out)
+        except Exception:
+            errors[check.__name__] = traceback.format_exc()
+        dist.barrier()
+    out["errors"] = errors
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,149 @@
+"""Shard-aware snapshots on real torch.distributed gloo processes (2 CPU ranks).
+
+Start-up dominates, so each spawned job runs several checks (tests/dist_scripts/*.py) and writes JSON that the
+tests below read. Every job has a hard timeout: a hung collective fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+K_TOLERANCE = 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(
+    script: str, out_dir: Path, world: int = 2, timeout: float = 150.0, args: tuple[str, ...] = ()
+) -> None:
+    """Run ``world`` ranks of a script as plain processes (env:// rendezvous), fail on error or timeout."""
+    port = free_port()
+    procs = []
+    logs = []
+    for rank in range(world):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPTS / script), str(out_dir), *args], env=env, stdout=log, stderr=log
+            )
+        )
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"{script} timed out after {timeout} s:\n{_tails(out_dir, world)}")
+    finally:
+        for log in logs:
+            log.close()
+    codes = [proc.returncode for proc in procs]
+    if any(codes):
+        pytest.fail(f"{script} ranks exited with {codes}:\n{_tails(out_dir, world)}")
+
+
+def _tails(out_dir: Path, world: int) -> str:
+    return "\n".join(
+        f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-3000:]
+        for r in range(world)
+        if (out_dir / f"rank{r}.log").exists()
+    )
+
+
+@pytest.fixture(scope="module")
+def shard_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("shards")
+    launch("shard_checks.py", out_dir)
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["errors"] == {}, "\n".join(result["errors"].values())
+    return results
+
+
+def assert_same_fits(check: dict, tolerance: float = K_TOLERANCE) -> None:
+    """Distributed fits equal the single-process fits of the same full weights, key for key."""
+    dist_fits, ref_fits = check["dist"], check["ref"]
+    assert set(dist_fits) == set(ref_fits)
+    assert len(dist_fits) > 0
+    for key, ref in ref_fits.items():
+        got = dist_fits[key]
+        assert got[6] == ref[6] is True, (key, got, ref)
+        assert got[3:6] == ref[3:6], (key, "element counts differ", got, ref)
+        assert abs(got[0] - ref[0]) <= tolerance, (key, got[0], ref[0])
+        assert math.isclose(got[1], ref[1], rel_tol=1e-9), (key, got[1], ref[1])
+        assert math.isclose(got[2], ref[2], rel_tol=1e-9, abs_tol=1e-12), (key, got[2], ref[2])
+
+
+def assert_identical_on_ranks(results: list[dict], name: str) -> None:
+    assert results[0][name]["dist"] == results[1][name]["dist"], f"{name}: fits differ between ranks"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "name",
+    ["ddp", "ddp_exact", "fsdp2_llama", "fsdp2_neox", "fsdp2_gpt2", "zero3_neox", "zero3_gpt2"],
+)
+def test_distributed_fits_equal_single_process_fits(shard_results, name):
+    for result in shard_results:
+        assert_same_fits(result[name])
+    assert_identical_on_ranks(shard_results, name)
+
+
+@pytest.mark.distributed
+def test_fsdp2_parameters_are_read_as_shards(shard_results):
+    # Every LLaMA matrix under fully_shard is a DTensor read shard by shard (none fell back to "replicated").
+    assert shard_results[0]["fsdp2_llama_kinds"] == ["sharded"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["fsdp2_neox", "fsdp2_gpt2", "zero3_neox", "zero3_gpt2"])
+def test_split_views_of_shards_cover_exactly_the_component(shard_results, name):
+    # The union over ranks of each split view's local slices is exactly the component's elements (as a multiset).
+    values = shard_results[0][f"{name}_values"]
+    assert values, "no split views were checked"
+    for key, (equal, count) in values.items():
+        assert equal, f"{key}: the shares of the ranks are not exactly the component ({count} values)"
+        assert count > 0
+
+
+@pytest.mark.distributed
+def test_ddp_splits_the_elements_between_ranks(shard_results):
+    load = shard_results[0]["ddp_load"]
+    assert min(load) > 0.4 * sum(load), load
+
+
+@pytest.mark.distributed
+def test_mismatched_entry_lists_give_a_recorded_skip_not_a_hang(shard_results):
+    for result in shard_results:
+        fits = result["mismatch"]
+        assert fits and all(row[6] is False and "different" in row[7] for row in fits.values())
+
+
+@pytest.mark.distributed
+def test_agree_is_a_logical_or_over_ranks(shard_results):
+    for result in shard_results:
+        assert result["agree"] == [True, False, True]

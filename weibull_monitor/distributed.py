@@ -1,0 +1,277 @@
+"""Shard-aware snapshots under torch.distributed: DDP, FSDP2 / tensor parallel (DTensor), DeepSpeed ZeRO-3.
+
+Histogram counts add across pieces of a matrix (``science.md`` §6), so no weight ever has to leave its rank:
+
+- replicated matrices (DDP, or any plain tensor while a process group is up) are dealt out to ranks by element
+  count, each rank histograms only its own ~1/world of the elements;
+- sharded matrices (DTensor, ZeRO-3 partitions) are histogrammed where they lie, each rank its local shard;
+- split views of a sharded fused parameter (QKV) are histogrammed from the slices of the local shard that fall in
+  the component (see :func:`split_views`), never by slicing the sharded parameter (which would gather it);
+
+and one all-reduce SUM of a single ``[M, N_COLUMNS]`` int64 tensor, where each rank filled only what it holds,
+completes every matrix at once. The fits are then computed from identical counts on every rank, so they are
+identical everywhere. Collectives per snapshot: one small header (entry-list check and agreed skips) and the counts.
+
+Extra memory per rank: the ``[M, N_COLUMNS]`` counts (8 bytes x 32771 per matrix) plus the histogram engine's chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weibull_monitor import _shards
+from weibull_monitor._shards import Skip, global_shape, is_sharded
+
+__all__ = ["agree", "compute_fits", "global_shape", "is_active", "is_sharded", "split_views"]
+
+log = logging.getLogger(__name__)
+
+# Pieces histogrammed per call: bounds the engine's [pieces, N_COLUMNS] temporary while keeping small matrices batched.
+_PIECES_PER_CALL = 32
+
+_PARENT_ATTR = "_weibull_parent"
+_LAYOUT_OK_ATTR = "_weibull_layout_ok"
+
+
+def is_active() -> bool:
+    """True when torch.distributed is initialised with more than one rank (then snapshots are collective)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """Where small collective tensors live: the current CUDA device for NCCL, else the CPU (gloo, mpi, ccl)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(flag: bool) -> bool:
+    """Collective logical OR of ``flag`` over all ranks (one all-reduce MAX); ``flag`` itself when not distributed.
+
+    Every rank must call it at the same point (e.g. the stop decision after a snapshot): if any rank wants to stop,
+    all ranks stop at the same step.
+    """
+    if not is_active():
+        return bool(flag)
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def split_views(name: str, param: torch.Tensor, config: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """``roles.split_fused`` that never gathers: use it in place of ``roles.split_fused`` when collecting entries.
+
+    For a plain tensor this is ``roles.split_fused(name, param, config, as_matrix=False)`` (strided views). For a
+    sharded parameter (DTensor, ZeRO-3) slicing would gather the full matrix, so the split is applied to a ``meta``
+    tensor of the global shape instead: the returned views hold no data, only which elements each component takes, and
+    :func:`compute_fits` reads those elements from the local shard of ``param``.
+    """
+    from weibull_monitor import roles
+
+    # Strided views, never copies (a fit needs the elements, not their arrangement; and a copy of the meta proxy
+    # below would no longer say which elements it holds).
+    kwargs = {**kwargs, "as_matrix": False}
+    if not is_sharded(param):
+        return roles.split_fused(name, param, config, **kwargs)
+    proxy = torch.empty(global_shape(param), dtype=param.dtype, device="meta")
+    views = roles.split_fused(name, proxy, config, **kwargs)
+    for view in views.values():
+        setattr(view, _PARENT_ATTR, param)
+        # A copy (not a view of the proxy) has lost the geometry that says which elements it holds.
+        setattr(view, _LAYOUT_OK_ATTR, view._base is proxy or view is proxy)
+    return views
+
+
+# --- planning -----------------------------------------------------------------------------------------------------
+
+
+def _entry_tensor(entry: Any) -> torch.Tensor:
+    return entry.tensor
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if getattr(tensor, _PARENT_ATTR, None) is not None:
+        return "split"
+    if is_sharded(tensor):
+        return "sharded"
+    if tensor.device.type == "meta":
+        return "unreadable"
+    return "replicated"
+
+
+def _owners(sizes: Sequence[int], world: int) -> list[int]:
+    """Deal matrices to ranks, largest first, each to the least-loaded rank (deterministic: same on every rank)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[index] = rank
+        load[rank] += sizes[index]
+    return owner
+
+
+def _signature(entries: Sequence[Any]) -> int:
+    """A CRC of keys and global shapes: every rank must hold the same entry list for the collectives to line up."""
+    text = ";".join(f"{e.key}|{tuple(global_shape(_entry_tensor(e)))}" for e in entries)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def _skipped_fit(reason: str) -> Any:
+    from weibull_monitor.fit import failed_fit
+
+    return failed_fit(reason, "histogram")
+
+
+def _dtype(tensor: torch.Tensor) -> torch.dtype:
+    part = getattr(
+        tensor, "ds_tensor", None
+    )  # a ZeRO-3 parameter's own dtype may differ from its partition's
+    return part.dtype if part is not None else tensor.dtype
+
+
+def _local_pieces(tensor: torch.Tensor, kind: str, owner: int, rank: int) -> list[torch.Tensor]:
+    dtype = _dtype(tensor)
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise Skip(_shards.SKIP_DTYPE)
+    if kind == "replicated":
+        data = tensor.detach()
+        return [data] if owner == rank and data.numel() else []
+    if kind == "sharded":
+        return _shards.local_share(tensor)
+    if kind == "split":
+        if not getattr(tensor, _LAYOUT_OK_ATTR, False):
+            raise Skip(_shards.SKIP_LAYOUT)
+        return _shards.split_share(tensor, getattr(tensor, _PARENT_ATTR))
+    raise Skip(_shards.SKIP_UNREADABLE)
+
+
+# --- the collective ------------------------------------------------------------------------------------------------
+
+
+def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[str, Any]:
+    """Fit every entry's matrix across all ranks; collective, the result is identical on every rank.
+
+    ``entries`` are ``snapshot.MatrixEntry`` (``key``, ``tensor``) and must be the same list, in the same order, on
+    every rank. ``method="exact"`` fits replicated matrices by a full sort on their owner rank (results shared with
+    one object all-gather); sharded matrices are always fitted from their all-reduced histograms (no rank holds
+    them whole), and their fits say ``method="histogram"``. Matrices that cannot be read without gathering get a
+    not-ok fit with the reason, on every rank.
+    """
+    import torch.distributed as dist
+
+    from weibull_monitor import histogram
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tensors = [_entry_tensor(e) for e in entries]
+    kinds = [_kind(t) for t in tensors]
+    sizes = [
+        int(torch.Size(global_shape(t)).numel()) if k == "replicated" else 0 for t, k in zip(tensors, kinds)
+    ]
+    owners = _owners(sizes, world)
+    n = len(entries)
+
+    pieces: list[list[torch.Tensor]] = []
+    skip_codes = [0] * n
+    for i, (tensor, kind) in enumerate(zip(tensors, kinds)):
+        try:
+            pieces.append(_local_pieces(tensor, kind, owners[i], rank))
+        except Skip as skip:
+            skip_codes[i] = skip.code
+            pieces.append([])
+        except (
+            Exception
+        ) as error:  # a layout this module does not know: recorded, never fatal, never gathered
+            log.warning("weibull-monitor: cannot read the local share of %s: %r", entries[i].key, error)
+            skip_codes[i] = _shards.SKIP_UNREADABLE
+            pieces.append([])
+
+    device = _collective_device()
+    signature = _signature(entries)
+    header = torch.tensor([n, -n, signature, -signature, *skip_codes], dtype=torch.int64, device=device)
+    # The header's length depends on n; first agree on n alone so that mismatched lists fail cleanly, not hang.
+    size_check = header[:2].clone()
+    dist.all_reduce(size_check, op=dist.ReduceOp.MAX)
+    if int(size_check[0]) != n or int(-size_check[1]) != n:
+        return _mismatch(entries, "ranks hold different numbers of matrices")
+    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    if int(header[2]) != signature or int(-header[3]) != signature:
+        return _mismatch(entries, "ranks hold different matrices (names or shapes differ)")
+    agreed_skips = header[4:].tolist()
+
+    exact_local = method == "exact"
+    counts = torch.zeros((n, histogram.N_COLUMNS), dtype=torch.int64, device=device)
+    batch: list[torch.Tensor] = []
+    rows: list[int] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        part = histogram.histogram_batch(batch).counts.to(device)
+        counts.index_add_(0, torch.tensor(rows, device=device), part)
+        batch.clear()
+        rows.clear()
+
+    for i in range(n):
+        if agreed_skips[i] or (exact_local and kinds[i] == "replicated"):
+            continue
+        for piece in pieces[i]:
+            batch.append(piece)
+            rows.append(i)
+            if len(batch) >= _PIECES_PER_CALL:
+                flush()
+    flush()
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    kinds_of_rows = [histogram.histogram_kind(_dtype(t)) for t in tensors]
+    fits_list = histogram.HistogramBatch(counts, kinds_of_rows).fit_all()
+
+    fits: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        if agreed_skips[i]:
+            fits[entry.key] = _skipped_fit(_shards.SKIP_REASONS.get(agreed_skips[i], "skipped"))
+        else:
+            fits[entry.key] = fits_list[i]
+    if exact_local:
+        fits.update(_exact_replicated(entries, kinds, owners, agreed_skips, rank))
+    return fits
+
+
+def _exact_replicated(
+    entries: Sequence[Any], kinds: Sequence[str], owners: Sequence[int], skips: Sequence[int], rank: int
+) -> dict[str, Any]:
+    """Exact (full-sort) fits of replicated matrices, each on its owner, shared with one object all-gather."""
+    import torch.distributed as dist
+
+    from weibull_monitor.fit import fit_weibull
+
+    mine = {
+        entries[i].key: fit_weibull(_entry_tensor(entries[i]).detach(), method="exact")
+        for i in range(len(entries))
+        if kinds[i] == "replicated" and owners[i] == rank and not skips[i]
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    merged: dict[str, Any] = {}
+    for part in gathered:
+        merged.update(part or {})
+    return merged
+
+
+def _mismatch(entries: Sequence[Any], why: str) -> dict[str, Any]:
+    reason = f"distributed snapshot skipped: {why} (every rank must monitor the same model)"
+    log.warning("weibull-monitor: %s", reason)
+    fit = _skipped_fit(reason)
+    return {e.key: fit for e in entries}
