@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from weibull_monitor import expectations
+from weibull_monitor.dynamics import median_stderr
 
 logger = logging.getLogger("weibull_monitor.alerts")
 
@@ -368,14 +369,6 @@ class SelectionDepartureOnset(Rule):
                 f"{_short(key, snapshot)} k={snapshot.fits[key].k:.3f} (drift {s.drift:+.3f}, {s.drift_z:+.1f} sigma)",
             )
         ]
-
-
-def median_stderr(stderrs: Iterable[float]) -> float:
-    """Standard error of a median of m estimates with typical standard error s: ~1.2533·s/√m (normal errors)."""
-    values = [s for s in stderrs if _finite(s)]
-    if not values:
-        return math.nan
-    return 1.2533 * statistics.median(values) / math.sqrt(len(values))
 
 
 class TransmissionOutOfBand(Rule):
