@@ -1,0 +1,416 @@
+"""The fit engine: one weight tensor (or its histogram) -> WeibullFit(k, scale, r2, standard errors, quantiles).
+
+Protocol (science.md section 1), per matrix, never pooled: a = |w| without zeros and non-finite values (both
+counted), sorted; Hazen plotting positions F_i = (i - 0.5) / n; keep 0.1 <= F_i <= 0.9; OLS of
+y = ln(-ln(1 - F)) on x = ln a; k = slope, lambda = exp(-intercept / k), R^2 of that regression.
+
+Two methods give the same numbers (docs/estimator.md): ``"exact"`` sorts in float64 (the reference);
+``"histogram"`` (default) bins the bf16 magnitude code of every element (weibull_monitor.histogram) and runs the
+same regression on the counts, exactly for bf16 weights and with within-bin interpolation for wider dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from weibull_monitor import _quadrature
+
+__all__ = [
+    "K_GAUSSIAN",
+    "LAMBDA_PER_SIGMA",
+    "MIN_ELEMENTS",
+    "R2_GAUSSIAN",
+    "WeibullFit",
+    "fit_many",
+    "fit_weibull",
+]
+
+K_GAUSSIAN: float
+LAMBDA_PER_SIGMA: float
+R2_GAUSSIAN: float
+K_GAUSSIAN, _LN_LAMBDA_PER_SIGMA, R2_GAUSSIAN = _quadrature.line_fit_limit(
+    lambda f: np.log(_quadrature.half_normal_quantile(f))
+)
+LAMBDA_PER_SIGMA = math.exp(_LN_LAMBDA_PER_SIGMA)
+
+MIN_ELEMENTS: int = 100
+"""Fewer finite nonzero elements than this gives ok=False: with n = 100 the middle band holds 80 points and the
+standard error of k is already ~0.14, too coarse to tell one class of matrix from another."""
+
+METHODS = ("histogram", "exact")
+QUANTILE_LEVELS = (0.1, 0.5, 0.9, 0.99, 0.999)
+_NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class WeibullFit:
+    """Result of the middle-80% Weibull fit of one weight matrix.
+
+    ``scale`` (lambda) and the quantiles are in the units of the weights; ``k`` and ``r2`` are dimensionless.
+    ``k_stderr`` is the standard error of k and ``scale_rel_stderr`` the relative standard error of lambda
+    (delta method on the fitted quantile curve, docs/estimator.md). A fit with ``ok=False`` carries a readable
+    ``reason`` and nan in every float field.
+    """
+
+    k: float
+    scale: float
+    r2: float
+    n: int
+    n_zero: int
+    n_nonfinite: int
+    k_stderr: float
+    scale_rel_stderr: float
+    method: str
+    ok: bool
+    reason: str | None
+    q10: float = _NAN
+    q50: float = _NAN
+    q90: float = _NAN
+    q99: float = _NAN
+    q999: float = _NAN
+
+    @property
+    def q90_over_q10(self) -> float:
+        """Distribution-free spread of |w| (nan when unknown)."""
+        return _ratio(self.q90, self.q10)
+
+    @property
+    def q99_over_q50(self) -> float:
+        """Upper-tail weight of |w| (nan when unknown)."""
+        return _ratio(self.q99, self.q50)
+
+    @property
+    def q999_over_q50(self) -> float:
+        """Extreme-tail weight of |w| (nan when unknown)."""
+        return _ratio(self.q999, self.q50)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of floats, ints, bools and strings (ratios included)."""
+        out = asdict(self)
+        out["q90_over_q10"] = self.q90_over_q10
+        out["q99_over_q50"] = self.q99_over_q50
+        out["q999_over_q50"] = self.q999_over_q50
+        return out
+
+
+def _ratio(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return _NAN
+    return a / b
+
+
+def failed_fit(reason: str, method: str, n: int = 0, n_zero: int = 0, n_nonfinite: int = 0) -> WeibullFit:
+    """A not-ok fit: nan in every float field, the counts that are known, and why."""
+    return WeibullFit(
+        k=_NAN,
+        scale=_NAN,
+        r2=_NAN,
+        n=int(n),
+        n_zero=int(n_zero),
+        n_nonfinite=int(n_nonfinite),
+        k_stderr=_NAN,
+        scale_rel_stderr=_NAN,
+        method=method,
+        ok=False,
+        reason=reason,
+    )
+
+
+def middle_ranks(n: int) -> tuple[int, int]:
+    """1-based ranks (first, last) with 0.1 <= (i - 0.5)/n <= 0.9, in exact integer arithmetic."""
+    return (n + 14) // 10, (9 * n + 5) // 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks shared by both methods
+
+
+_INTEGER_DTYPES = {
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+}
+
+
+def readable_tensor(tensor: Any) -> tuple[torch.Tensor | None, str | None]:
+    """(plain detached tensor, None) when its values can be read, else (None, reason). TypeError for non-tensors."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    try:
+        t = tensor.detach()
+    except Exception as exc:  # an exotic subclass whose detach fails: report, never raise
+        return None, f"cannot read tensor of type {type(tensor).__name__}: {exc}"
+    if type(t) is not torch.Tensor:
+        return None, (
+            f"tensor subclass {type(t).__name__} is not read directly (for DTensor / sharded parameters, fit the "
+            "local shard's histogram and all-reduce it: weibull_monitor.distributed)"
+        )
+    if t.is_meta or t.device.type == "meta":
+        return None, "meta tensor: it has no data"
+    if t.is_quantized:
+        return None, f"quantized tensor ({t.dtype}): dequantize it first"
+    if t.layout != torch.strided:
+        return None, f"layout {t.layout} is not supported: pass a dense tensor"
+    if t.is_complex():
+        return None, f"complex dtype {t.dtype}: the fit is defined for real weights"
+    if t.dtype in _INTEGER_DTYPES or not t.is_floating_point():
+        return None, f"dtype {t.dtype} is not floating point: dequantize integer weights first"
+    if t.numel() == 0:
+        return None, "empty tensor"
+    return t, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From regression sums to a WeibullFit (shared by both methods)
+
+# Sums over the regression points, in this order. The y-powers and x*y-powers feed the cubic quantile model of the
+# standard errors (docs/estimator.md).
+SUM_NAMES = ("w", "x", "xx", "y", "yy", "xy", "y3", "y4", "y5", "y6", "xy2", "xy3")
+_GL_F, _GL_W = _quadrature._nodes()
+_GL_Y = _quadrature.weibull_y(_GL_F)
+_Y_HI = float(_quadrature.weibull_y(np.array([_quadrature.F_HI]))[0])
+_BAND = _quadrature.F_HI - _quadrature.F_LO
+
+
+def regression_sums(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of SUM_NAMES over the last dimension (float64), shape [..., len(SUM_NAMES)]."""
+    y2 = y * y
+    wy = w * y
+    wx = w * x
+    wy2 = wy * y
+    return torch.stack(
+        [
+            w.sum(-1),
+            wx.sum(-1),
+            (wx * x).sum(-1),
+            wy.sum(-1),
+            wy2.sum(-1),
+            (wx * y).sum(-1),
+            (wy2 * y).sum(-1),
+            (wy2 * y2).sum(-1),
+            (wy2 * y2 * y).sum(-1),
+            (wy2 * y2 * y2).sum(-1),
+            (wx * y2).sum(-1),
+            (wx * y2 * y).sum(-1),
+        ],
+        dim=-1,
+    )
+
+
+def _stderr_from_model(sums: dict[str, float], k: float, n: int) -> tuple[float, float]:
+    """Delta-method standard errors (sd of k, relative sd of lambda) for n elements.
+
+    The quantile curve x(y) is modelled by the least-squares cubic in y through the regression points (smooth, so
+    the noise of single order statistics does not enter); order statistics fluctuate as x'(F) B(F) / sqrt(n) with
+    B a Brownian bridge; the OLS slope and intercept are linear in those fluctuations. For Weibull data the cubic
+    is a line and this is the exact asymptotic result; for Gaussian weights it gives 1.365/sqrt(n) and
+    0.862/sqrt(n), the constants measured in science.md section 2.
+    """
+    w = sums["w"]
+    ys = [w, sums["y"], sums["yy"], sums["y3"], sums["y4"], sums["y5"], sums["y6"]]
+    a = np.array([[ys[p + q] for q in range(4)] for p in range(4)], dtype=np.float64)
+    b = np.array([sums["x"], sums["xy"], sums["xy2"], sums["xy3"]], dtype=np.float64)
+    try:
+        coef = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    poly = np.polynomial.Polynomial(coef)
+    dpoly = poly.deriv()
+    x_mean, y_mean = sums["x"] / w, sums["y"] / w
+    sxx = (
+        sums["xx"] - sums["x"] * x_mean
+    ) / w  # variance of x over the band, per unit F after dividing by band
+    if not sxx > 0:
+        return _NAN, _NAN
+    # g_k(F) dF = x'(F) [(y - ybar) - 2k (x - xbar)] / (band * sxx) dF, integrated from F to the top of the band.
+    integrand = (np.polynomial.Polynomial([-y_mean, 1.0]) - 2.0 * k * (poly - x_mean)) * dpoly
+    anti = integrand.integ()
+    scale_k = 1.0 / (_BAND * sxx)
+    gamma_k_lo = None
+
+    def gamma_k(yv: np.ndarray) -> np.ndarray:
+        return (anti(_Y_HI) - anti(yv)) * scale_k
+
+    def gamma_ln_scale(yv: np.ndarray) -> np.ndarray:  # ln lambda = xbar - ybar / k
+        return (poly(_Y_HI) - poly(yv)) / _BAND + (y_mean / (k * k)) * gamma_k(yv)
+
+    out = []
+    for gamma in (gamma_k, gamma_ln_scale):
+        g = gamma(_GL_Y)
+        gamma_k_lo = float(gamma(np.array([_quadrature.weibull_y(np.array([_quadrature.F_LO]))[0]]))[0])
+        first = float((_GL_W * g).sum()) + _quadrature.F_LO * gamma_k_lo
+        second = float((_GL_W * g * g).sum()) + _quadrature.F_LO * gamma_k_lo * gamma_k_lo
+        var = max(second - first * first, 0.0)
+        out.append(math.sqrt(var / n))
+    return out[0], out[1]
+
+
+def fit_from_sums(
+    sums_row: np.ndarray | list[float],
+    *,
+    n: int,
+    n_zero: int,
+    n_nonfinite: int,
+    method: str,
+    quantiles: Iterable[float] = (),
+) -> WeibullFit:
+    """Finish the regression from its sums (one row of ``regression_sums``) into a WeibullFit."""
+    s = dict(zip(SUM_NAMES, (float(v) for v in sums_row)))
+    w = s["w"]
+    if not w >= 2:
+        return failed_fit("fewer than 2 points in the middle 80%", method, n, n_zero, n_nonfinite)
+    x_mean, y_mean = s["x"] / w, s["y"] / w
+    sxx = s["xx"] - s["x"] * x_mean
+    syy = s["yy"] - s["y"] * y_mean
+    sxy = s["xy"] - s["x"] * y_mean
+    # Relative tolerance: cancellation in float64 sums leaves ~1e-16 * sum(x^2) of noise in sxx.
+    if not sxx > 1e-12 * max(s["xx"], 1e-300):
+        return failed_fit(
+            "no spread: the middle 80% of |w| holds a single value", method, n, n_zero, n_nonfinite
+        )
+    k = sxy / sxx
+    if not (math.isfinite(k) and k > 0):
+        return failed_fit(f"degenerate regression (slope {k!r})", method, n, n_zero, n_nonfinite)
+    intercept = y_mean - k * x_mean
+    ln_scale = -intercept / k
+    r2 = min(max(sxy * sxy / (sxx * syy), 0.0), 1.0)
+    k_se, rel_se = _stderr_from_model(s, k, n)
+    q = [float(v) for v in quantiles] or [_NAN] * len(QUANTILE_LEVELS)
+    scale = math.exp(ln_scale)
+    if not math.isfinite(scale):
+        return failed_fit("scale overflow", method, n, n_zero, n_nonfinite)
+    return WeibullFit(
+        k=k,
+        scale=scale,
+        r2=r2,
+        n=int(n),
+        n_zero=int(n_zero),
+        n_nonfinite=int(n_nonfinite),
+        k_stderr=k_se,
+        scale_rel_stderr=rel_se,
+        method=method,
+        ok=True,
+        reason=None,
+        q10=q[0],
+        q50=q[1],
+        q90=q[2],
+        q99=q[3],
+        q999=q[4],
+    )
+
+
+def too_few_reason(n: int, n_zero: int, n_nonfinite: int) -> str | None:
+    """Why a matrix with these counts has no fit, or None when it has one."""
+    if n == 0 and n_zero == 0 and n_nonfinite > 0:
+        return f"all {n_nonfinite} elements are non-finite"
+    if n == 0 and n_nonfinite == 0 and n_zero > 0:
+        return f"all {n_zero} elements are zero"
+    if n == 0:
+        return f"no finite nonzero element ({n_zero} zero, {n_nonfinite} non-finite)"
+    if n < MIN_ELEMENTS:
+        return f"only {n} finite nonzero elements (minimum {MIN_ELEMENTS})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exact method
+
+
+def _fit_exact(t: torch.Tensor) -> WeibullFit:
+    flat = t.reshape(-1)
+    # float64 on the tensor's own device: the reference method, a full copy by design.
+    a = flat.to(torch.float64).abs()
+    finite = torch.isfinite(a)
+    nonzero = a != 0
+    n_nonfinite = int((~finite).sum())
+    n_zero = int((finite & ~nonzero).sum())
+    a = a[finite & nonzero]
+    n = int(a.numel())
+    reason = too_few_reason(n, n_zero, n_nonfinite)
+    if reason is not None:
+        return failed_fit(reason, "exact", n, n_zero, n_nonfinite)
+    a, _ = torch.sort(a)
+    lo, hi = middle_ranks(n)
+    ranks = torch.arange(lo, hi + 1, dtype=torch.float64, device=a.device)
+    y = torch.log(-torch.log1p(-(ranks - 0.5) / n))
+    x = torch.log(a[lo - 1 : hi])
+    sums = regression_sums(x, y, torch.ones_like(x)).cpu().numpy()
+    h = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=a.device) * n - 0.5
+    h = h.clamp(0.0, n - 1.0)
+    base = h.floor().long()
+    nxt = (base + 1).clamp(max=n - 1)
+    frac = h - base
+    qs = (a[base] * (1 - frac) + a[nxt] * frac).cpu().tolist()
+    return fit_from_sums(sums, n=n, n_zero=n_zero, n_nonfinite=n_nonfinite, method="exact", quantiles=qs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def fit_weibull(tensor: torch.Tensor, *, method: str = "histogram") -> WeibullFit:
+    """Middle-80% Weibull fit of |tensor| (any shape: a matrix, a vector, or a >2-D tensor taken flattened).
+
+    Returns a WeibullFit; bad input (empty, all zero, too few finite nonzero elements, all non-finite, integer,
+    quantized, complex, meta, sparse, unreadable tensor subclass) gives ``ok=False`` with a reason and never raises.
+    NaN/Inf elements are counted in ``n_nonfinite`` and left out. Raises TypeError for a non-tensor and ValueError
+    for an unknown ``method``.
+    """
+    _check_method(method)
+    t, reason = readable_tensor(tensor)
+    if t is None:
+        return failed_fit(reason or "unreadable tensor", method)
+    try:
+        with torch.no_grad():
+            if method == "exact":
+                return _fit_exact(t)
+            from weibull_monitor.histogram import WeightHistogram
+
+            return WeightHistogram.from_tensor(t).fit()
+    except Exception as exc:  # the fit path never takes training down
+        return failed_fit(f"fit failed: {type(exc).__name__}: {exc}", method)
+
+
+def fit_many(
+    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    method: str = "histogram",
+) -> dict[str, WeibullFit]:
+    """Fit many tensors in one call: name -> WeibullFit, in input order.
+
+    The histogram method batches small matrices into one bincount and finishes every fit after a single
+    device-to-host transfer. TypeError when any value is not a tensor (raised before any work).
+    """
+    _check_method(method)
+    items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError("fit_many expects a mapping or an iterable of (name, tensor) pairs")
+        if not isinstance(item[1], torch.Tensor):
+            raise TypeError(f"{item[0]!r}: expected a torch.Tensor, got {type(item[1]).__name__}")
+    if method == "exact":
+        return {name: fit_weibull(t, method="exact") for name, t in items}
+    from weibull_monitor.histogram import histogram_batch
+
+    try:
+        fits = histogram_batch([t for _, t in items]).fit_all()
+    except Exception as exc:  # never take training down: fall back to one fit at a time
+        fits = [fit_weibull(t) for _, t in items]
+        if not fits:
+            raise
+        del exc
+    return {name: fit for (name, _), fit in zip(items, fits)}

@@ -1,0 +1,415 @@
+"""Histograms of the bf16 magnitude code of weights: one cheap read pass per matrix, counts that add across shards.
+
+The code of |w| is a 15-bit integer read from the bit pattern without the sign, monotone in |w| (32768 values).
+Three kinds of histogram, fixed by the source dtype (docs/estimator.md):
+
+- ``"bf16"`` (bf16 and float8 weights, float8 cast chunkwise to bf16, which is exact): the bf16 pattern;
+- ``"fp16"``: the fp16 pattern itself (fp16 also has 15 magnitude bits);
+- ``"fp32"`` (fp32, and fp64 cast chunkwise to fp32): the high 16 bits of the fp32 pattern, read through an integer
+  view without any float conversion pass (truncation: code c holds the values in [v(c), v(c+1))).
+
+In the bf16 and fp16 kinds every element *equals* its code's value, so the counts are the sorted sample and the fit
+reproduces the sort-based protocol; in the fp32 kind values inside a bin are interpolated (uniform in ln|w|).
+
+Columns of a count row: 0..N_BINS-1 the magnitude codes (code 0 and the Inf/NaN codes always hold 0), then
+ZERO_COLUMN (|w| == 0; for the fp32 kind also |w| < 2**-133, fp32 subnormals whose high 16 bits are zero) and
+NONFINITE_COLUMN.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from weibull_monitor.fit import (
+    QUANTILE_LEVELS,
+    WeibullFit,
+    failed_fit,
+    fit_from_sums,
+    readable_tensor,
+    regression_sums,
+    too_few_reason,
+)
+
+__all__ = [
+    "NONFINITE_COLUMN",
+    "N_BINS",
+    "N_COLUMNS",
+    "ZERO_COLUMN",
+    "HistogramBatch",
+    "WeightHistogram",
+    "histogram_batch",
+]
+
+N_BINS: int = 1 << 15
+ZERO_COLUMN: int = N_BINS
+NONFINITE_COLUMN: int = N_BINS + 1
+N_COLUMNS: int = N_BINS + 2
+KINDS = ("bf16", "fp16", "fp32")
+EXACT_KINDS = ("bf16", "fp16")  # every element equals its code's value
+_FIRST_NONFINITE_CODE = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F80}  # exponent all ones: Inf and NaN
+
+CHUNK_ELEMENTS = 1 << 22
+"""Elements coded per step: bounds the temporary int16/fp32 buffers to a few MB whatever the matrix size."""
+
+GRID_POINTS = 4096
+"""Regression points per matrix: every middle rank when there are at most this many, else a midpoint grid."""
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def histogram_kind(dtype: torch.dtype) -> str:
+    """The histogram kind of a floating dtype: "bf16" (bf16, float8), "fp16", or "fp32" (fp32, fp64, others)."""
+    if dtype == torch.bfloat16 or "float8" in str(dtype):
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coding
+
+
+def _codes(chunk: torch.Tensor) -> torch.Tensor:
+    """15-bit magnitude codes of a chunk (any strides), as a 1-D integer tensor."""
+    dtype = chunk.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.bitwise_and(chunk.view(torch.int16), 0x7FFF).reshape(-1)
+    if dtype == torch.float32:
+        if _LITTLE_ENDIAN and chunk.dim() >= 1 and chunk.stride(-1) == 1:
+            high = chunk.view(torch.int16)[..., 1::2]  # high half of each fp32: no float pass, exact edges
+            return torch.bitwise_and(high, 0x7FFF).reshape(-1)
+        return torch.bitwise_and(torch.bitwise_right_shift(chunk.view(torch.int32), 16), 0x7FFF).reshape(-1)
+    if histogram_kind(dtype) == "bf16":  # float8: exact in bf16
+        return _codes(chunk.to(torch.bfloat16))
+    return _codes(chunk.to(torch.float32))  # fp64 rounded to fp32
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Views of ``t`` of at most ~CHUNK_ELEMENTS elements each (no copy, any strides)."""
+    numel = t.numel()
+    if t.dim() == 0:
+        return [t.reshape(1)]
+    if t.is_contiguous():
+        flat = t.view(-1)
+        return [flat[i : i + CHUNK_ELEMENTS] for i in range(0, numel, CHUNK_ELEMENTS)]
+    if t.dim() == 1:
+        return [t[i : i + CHUNK_ELEMENTS] for i in range(0, numel, CHUNK_ELEMENTS)]
+    rows = t.shape[0]
+    per_row = max(1, numel // rows)
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [t[i : i + step] for i in range(0, rows, step)]
+
+
+def _finalise_row(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """Bincount over 32768 codes -> count row with zero and non-finite columns moved to their own columns."""
+    row = torch.zeros(N_COLUMNS, dtype=torch.int64, device=raw.device)
+    row[:N_BINS] = raw
+    row[ZERO_COLUMN] = raw[0]
+    first_nonfinite = _FIRST_NONFINITE_CODE[kind]
+    row[NONFINITE_COLUMN] = raw[first_nonfinite:].sum()
+    row[0] = 0
+    row[first_nonfinite:N_BINS] = 0
+    return row
+
+
+def _count_row(t: torch.Tensor) -> torch.Tensor:
+    acc = torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
+    for chunk in _chunks(t):
+        acc += torch.bincount(_codes(chunk), minlength=N_BINS)
+    return _finalise_row(acc, histogram_kind(t.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Code tables
+
+
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _code_values(kind: str) -> torch.Tensor:
+    """float64 value of every code 0..N_BINS of a kind (codes from Inf upwards: a placeholder past the largest)."""
+    codes = torch.arange(N_BINS + 1, dtype=torch.int32)
+    if kind == "fp16":
+        values = codes[:N_BINS].to(torch.int16).view(torch.float16).to(torch.float64)
+        values = torch.cat([values, values[-1:]])
+        placeholder = 2.0**16
+    else:
+        values = (codes << 16).view(torch.float32).to(torch.float64)
+        placeholder = 2.0**128
+    values[_FIRST_NONFINITE_CODE[kind] :] = placeholder
+    return values
+
+
+def _tables(device: torch.device) -> torch.Tensor:
+    """[3, len(KINDS), N_BINS] float64: ln of (code value, bin low edge, bin high edge) for every kind.
+
+    Exact kinds (bf16, fp16) come from round-to-nearest, so a code's bin reaches halfway to each neighbour; the fp32
+    kind truncates, so code c's bin is [v(c), v(c+1)).
+    """
+    key = str(device)
+    table = _TABLES.get(key)
+    if table is None:
+        per_kind = []
+        for kind in KINDS:
+            v = _code_values(kind)
+            value = v[:N_BINS]
+            nxt = v[1 : N_BINS + 1]
+            prev = torch.cat([torch.zeros(1, dtype=torch.float64), v[: N_BINS - 1]])
+            if kind in EXACT_KINDS:
+                lo, hi = (prev + value) / 2, (value + nxt) / 2
+            else:
+                lo, hi = value, nxt
+            per_kind.append(torch.stack([torch.log(value), torch.log(lo), torch.log(hi)]))
+        table = torch.stack(per_kind, dim=1)
+        table[~torch.isfinite(table)] = 0.0  # code 0 (ln 0) is never looked up: its count is always 0
+        table = table.to(device)
+        _TABLES[key] = table
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting counts
+
+
+def _fit_counts(
+    counts: torch.Tensor, kinds: Sequence[str], reasons: Sequence[str | None]
+) -> list[WeibullFit]:
+    """Fit every row of ``counts`` [M, N_COLUMNS]; one device-to-host transfer for the whole batch."""
+    m = counts.shape[0]
+    if m == 0:
+        return []
+    device = counts.device
+    mags = counts[:, :N_BINS]
+    cum = mags.cumsum(1)
+    n = cum[:, -1]
+    n_f = n.to(torch.float64)
+    lo = torch.div(n + 14, 10, rounding_mode="floor")
+    hi = torch.div(9 * n + 5, 10, rounding_mode="floor")
+    n_mid = (hi - lo + 1).clamp(min=0)
+    exact_rows = n_mid <= GRID_POINTS
+    g = torch.arange(GRID_POINTS, dtype=torch.float64, device=device)
+    lo_f = lo.to(torch.float64)[:, None]
+    n_mid_f = n_mid.to(torch.float64)[:, None]
+    pos_exact = lo_f + g - 0.5
+    pos_grid = lo_f - 1.0 + (g + 0.5) * n_mid_f / GRID_POINTS
+    pos = torch.where(exact_rows[:, None], pos_exact, pos_grid)
+    weight = torch.where(exact_rows[:, None], (g < n_mid_f).to(torch.float64), torch.ones_like(pos))
+    safe_n = n_f.clamp(min=1.0)[:, None]
+    f = (pos / safe_n).clamp(1e-12, 1 - 1e-12)
+    y = torch.log(-torch.log1p(-f))
+
+    kind_idx = torch.tensor([KINDS.index(k) for k in kinds], device=device)
+    rounded = kind_idx < len(EXACT_KINDS)
+    step_rows = rounded & exact_rows
+    cum_f = cum.to(torch.float64)
+    x = _lookup(cum_f, mags, pos, kind_idx, step_rows, device)
+    x = torch.where(weight > 0, x, torch.zeros_like(x))
+    sums = regression_sums(x, y, weight)
+
+    # Quantiles at Hazen positions p*n (rank h+1 with h = p n - 1/2, linear between neighbours).
+    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=device)
+    h = (levels[None, :] * n_f[:, None] - 0.5).clamp(min=0.0)
+    h = torch.minimum(h, (n_f[:, None] - 1).clamp(min=0.0))
+    base = h.floor()
+    frac = h - base
+    top = (n_f[:, None] - 0.5).clamp(min=0.5)
+    x_lo = _lookup(cum_f, mags, base + 0.5, kind_idx, rounded, device)
+    x_hi = _lookup(cum_f, mags, torch.minimum(base + 1.5, top), kind_idx, rounded, device)
+    quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
+
+    # Resolution: how many codes the middle band spans (interpolated histograms need enough of them).
+    ends = torch.stack([lo.to(torch.float64) - 0.5, hi.to(torch.float64) - 0.5], dim=1)
+    span_codes = torch.searchsorted(cum_f, ends.clamp(min=0.0).contiguous())
+    span = span_codes[:, 1] - span_codes[:, 0] + 1
+
+    header = torch.stack(
+        [
+            n_f,
+            counts[:, ZERO_COLUMN].to(torch.float64),
+            counts[:, NONFINITE_COLUMN].to(torch.float64),
+            span.to(torch.float64),
+        ],
+        dim=1,
+    )
+    host = torch.cat([header, sums, quant], dim=1).cpu().numpy()  # the one host sync of the batch
+
+    fits: list[WeibullFit] = []
+    for row, kind, reason in zip(host, kinds, reasons):
+        n_i, n_zero, n_nonfinite, span_i = (int(v) for v in row[:4])
+        if reason is not None:
+            fits.append(failed_fit(reason, "histogram", n_i, n_zero, n_nonfinite))
+            continue
+        why = too_few_reason(n_i, n_zero, n_nonfinite)
+        if why is None and kind not in EXACT_KINDS and span_i < MIN_CODE_SPAN:
+            why = (
+                f"the middle 80% of |w| spans only {span_i} bf16 codes, too few to interpolate inside them: "
+                "use method='exact'"
+            )
+        if why is not None:
+            fits.append(failed_fit(why, "histogram", n_i, n_zero, n_nonfinite))
+            continue
+        fits.append(
+            fit_from_sums(
+                row[4 : 4 + sums.shape[1]],
+                n=n_i,
+                n_zero=n_zero,
+                n_nonfinite=n_nonfinite,
+                method="histogram",
+                quantiles=row[4 + sums.shape[1] :],
+            )
+        )
+    return fits
+
+
+MIN_CODE_SPAN = 16
+"""An fp32/fp16/fp64 histogram whose middle band covers fewer codes than this cannot resolve the shape (k >~ 40):
+ok=False rather than a number the interpolation made up."""
+
+
+def _lookup(
+    cum_f: torch.Tensor,
+    mags: torch.Tensor,
+    pos: torch.Tensor,
+    kind_idx: torch.Tensor,
+    step_rows: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """ln|w| at continuous rank positions ``pos`` [M, P] (element i occupies (i-1, i]).
+
+    In rows where ``step_rows`` [M] is true, the value of the element's code (exact for the bf16 and fp16
+    histograms); elsewhere interpolated uniformly in ln|w| inside the code's bin.
+    """
+    table = _tables(device)
+    code = torch.searchsorted(cum_f, pos.contiguous()).clamp(max=N_BINS - 1)
+    prev = torch.where(code > 0, cum_f.gather(1, (code - 1).clamp(min=0)), torch.zeros_like(pos))
+    count = mags.gather(1, code).to(torch.float64).clamp(min=1.0)
+    t = ((pos - prev) / count).clamp(0.0, 1.0)
+    k = kind_idx[:, None].expand_as(code)
+    value = table[0][k, code]
+    low = table[1][k, code]
+    high = table[2][k, code]
+    interp = low + t * (high - low)
+    return torch.where(step_rows[:, None], value, interp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public classes
+
+
+class WeightHistogram:
+    """Counts of the bf16 magnitude code of one matrix (or one shard of it), on the tensor's device.
+
+    ``counts`` is an int64 tensor [N_COLUMNS]. Histograms of shards of one matrix add (``a + b`` or ``merge``)
+    to the histogram of the whole. ``reason`` is set when the tensor could not be read (the fit is then not ok).
+    """
+
+    def __init__(self, counts: torch.Tensor, kind: str, reason: str | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if counts.shape != (N_COLUMNS,):
+            raise ValueError(f"counts must have shape ({N_COLUMNS},), got {tuple(counts.shape)}")
+        self.counts = counts
+        self.kind = kind
+        self.reason = reason
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> WeightHistogram:
+        """Histogram of |tensor| on its own device: chunked, no full-size float copy, any strides."""
+        t, reason = readable_tensor(tensor)
+        if t is None:
+            device = tensor.device if tensor.device.type != "meta" else torch.device("cpu")
+            return cls(torch.zeros(N_COLUMNS, dtype=torch.int64, device=device), "fp32", reason)
+        with torch.no_grad():
+            return cls(_count_row(t), histogram_kind(t.dtype))
+
+    def merge(self, other: WeightHistogram) -> WeightHistogram:
+        """Histogram of the union of both tensors' elements (shards of one matrix)."""
+        if not isinstance(other, WeightHistogram):
+            return NotImplemented
+        if other.kind != self.kind:
+            raise ValueError(
+                f"cannot merge a {self.kind} histogram with a {other.kind} one (different dtypes)"
+            )
+        return WeightHistogram(
+            self.counts + other.counts.to(self.counts.device), self.kind, self.reason or other.reason
+        )
+
+    __add__ = merge
+
+    @property
+    def n(self) -> int:
+        """Finite nonzero elements counted."""
+        return int(self.counts[:N_BINS].sum())
+
+    @property
+    def n_zero(self) -> int:
+        return int(self.counts[ZERO_COLUMN])
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self.counts[NONFINITE_COLUMN])
+
+    def fit(self) -> WeibullFit:
+        """The middle-80% Weibull fit of these counts (never raises)."""
+        return HistogramBatch(self.counts[None, :], [self.kind], [self.reason]).fit_all()[0]
+
+    def __repr__(self) -> str:
+        return f"WeightHistogram(kind={self.kind!r}, n={self.n}, n_zero={self.n_zero}, n_nonfinite={self.n_nonfinite})"
+
+
+class HistogramBatch:
+    """Histograms of many matrices: ``counts`` int64 [M, N_COLUMNS] on the tensors' device.
+
+    All-reduce ``counts`` with SUM across the shards of the same matrices, then ``fit_all()``. ``kinds`` and
+    ``reasons`` are per row (a row with a reason could not be read and fits as not ok).
+    """
+
+    def __init__(
+        self, counts: torch.Tensor, kinds: Sequence[str], reasons: Sequence[str | None] | None = None
+    ) -> None:
+        if counts.dim() != 2 or counts.shape[1] != N_COLUMNS:
+            raise ValueError(f"counts must have shape [M, {N_COLUMNS}], got {tuple(counts.shape)}")
+        if len(kinds) != counts.shape[0]:
+            raise ValueError("one kind per row")
+        self.counts = counts
+        self.kinds = list(kinds)
+        self.reasons = list(reasons) if reasons is not None else [None] * len(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def histogram(self, i: int) -> WeightHistogram:
+        return WeightHistogram(self.counts[i], self.kinds[i], self.reasons[i])
+
+    def fit_all(self) -> list[WeibullFit]:
+        """One WeibullFit per row, with one device-to-host transfer for the whole batch (never raises)."""
+        try:
+            with torch.no_grad():
+                return _fit_counts(self.counts, self.kinds, self.reasons)
+        except Exception as exc:
+            why = f"fit failed: {type(exc).__name__}: {exc}"
+            return [failed_fit(r or why, "histogram") for r in self.reasons]
+
+
+def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
+    """Histograms of many tensors in one [M, N_COLUMNS] count tensor (TypeError for a non-tensor)."""
+    rows: list[torch.Tensor] = []
+    kinds: list[str] = []
+    reasons: list[str | None] = []
+    device: torch.device | None = None
+    for tensor in tensors:
+        hist = WeightHistogram.from_tensor(tensor)
+        if device is None and hist.reason is None:
+            device = hist.counts.device
+        rows.append(hist.counts)
+        kinds.append(hist.kind)
+        reasons.append(hist.reason)
+    device = device or torch.device("cpu")
+    if not rows:
+        return HistogramBatch(torch.zeros(0, N_COLUMNS, dtype=torch.int64, device=device), [], [])
+    counts = torch.stack([r.to(device) for r in rows])
+    return HistogramBatch(counts, kinds, reasons)
