@@ -271,3 +271,206 @@ def test_split_key_and_view_role():
         1, "k", "selection", fused_parent="gpt_neox.layers.1.attention.query_key_value.weight"
     )
     assert set(COMPONENTS) >= {view.component, parent.component}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture of experts: 3-D expert stacks (transformers 5.x) split per expert; routers have their own component.
+MOE = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, num_local_experts=3),
+        3,
+        0,
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_key_value_heads=2, num_experts=3, moe_intermediate_size=16, shared_expert_intermediate_size=24
+        ),
+        3,
+        1,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_key_value_heads=2, num_experts=3, moe_intermediate_size=16),
+        3,
+        0,
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=3, num_experts_per_tok=2), 3, 0),
+}
+
+
+def expanded_counts(role_map: dict[str, Role]) -> Counter:
+    """(component, expert is set) counts over what a monitor fits: every matrix and every split part."""
+    counts: Counter = Counter()
+    for name, role in role_map.items():
+        if not role.stacked:
+            counts[role.component, role.expert is not None] += 1
+        for part in roles.fused_components(role):
+            view = view_role(name, role, part)
+            counts[view.component, view.expert is not None] += 1
+    return counts
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_experts_routers_and_shared_experts(family):
+    config_class, model_class, overrides, experts, shared = MOE[family]
+    config = getattr(tf, config_class)(**{**SMALL, "num_experts_per_tok": 2, **overrides})
+    model = getattr(tf, model_class)(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWeightsWarning)
+        role_map = model_roles(model)
+    counts = expanded_counts(role_map)
+    assert counts["ffn_gate", True] == L * experts
+    assert counts["ffn_up", True] == L * experts
+    assert counts["ffn_down", True] == L * experts
+    assert counts["router", False] == L * (1 + shared)  # Qwen2-MoE adds a shared_expert_gate per layer
+    for component in ("ffn_gate", "ffn_up", "ffn_down"):
+        assert counts[component, False] == L * shared  # the shared expert's dense FFN
+    for component in ("q", "k", "v", "o"):
+        assert counts[component, False] == L
+    assert counts["other", False] == 0
+    stacks = [r for r in role_map.values() if r.stacked]
+    assert {r.component for r in stacks} == {"ffn_gate_up", "ffn_down"} and all(
+        r.expert is None for r in stacks
+    )
+
+
+def test_legacy_per_expert_names():
+    # Mixtral checkpoints before transformers 5 store one 2-D matrix per expert (w1 gate, w3 up, w2 down).
+    role = classify("model.layers.7.block_sparse_moe.experts.5.w1.weight", (14336, 4096))
+    assert role == Role(7, "ffn_gate", "transmission", expert=5)
+    assert (
+        classify("model.layers.7.block_sparse_moe.experts.5.w3.weight", (14336, 4096)).component == "ffn_up"
+    )
+    assert (
+        classify("model.layers.7.block_sparse_moe.experts.5.w2.weight", (4096, 14336)).component == "ffn_down"
+    )
+    assert classify("model.layers.7.block_sparse_moe.gate.weight", (8, 4096)) == Role(7, "router", "other")
+    assert classify("model.layers.2.mlp.experts.11.gate_proj.weight", (16, 32)).expert == 11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_t5_encoder_decoder_and_cross_stacks():
+    config = tf.T5Config(d_model=32, d_ff=48, d_kv=8, num_layers=L, num_heads=4, vocab_size=64)
+    model = tf.T5ForConditionalGeneration(config)
+    role_map = model_roles(model)
+    counts = Counter((r.component, r.stack) for r in role_map.values())
+    for component in ("q", "k", "v", "o"):
+        for stack in ("encoder", "decoder", "cross"):
+            assert counts[component, stack] == L, (component, stack)
+    for stack in ("encoder", "decoder"):
+        assert counts["ffn_up", stack] == L  # DenseReluDense.wi
+        assert counts["ffn_down", stack] == L  # DenseReluDense.wo
+    assert counts["ffn_up", "cross"] == 0
+    assert not any(r.component == "other" for r in role_map.values())
+    cross_q = role_map["decoder.block.1.layer.1.EncDecAttention.q.weight"]
+    assert cross_q == Role(1, "q", "selection", stack="cross")
+    # gated T5 (v1.1, flan): wi_0 is the gate, wi_1 the up projection
+    assert (
+        classify("encoder.block.0.layer.1.DenseReluDense.wi_0.weight", config=config).component == "ffn_gate"
+    )
+    assert classify("encoder.block.0.layer.1.DenseReluDense.wi_1.weight", config=config).component == "ffn_up"
+    # a config.json dict tells the stacks too, and a decoder-only model never gets a stack
+    assert (
+        classify("decoder.block.0.layer.0.SelfAttention.k.weight", config=config.to_dict()).stack == "decoder"
+    )
+    assert (
+        classify("model.decoder.layers.0.self_attn.k_proj.weight", config={"is_encoder_decoder": False}).stack
+        is None
+    )
+
+
+def test_olmo1_native_names():
+    shapes = {
+        "model.transformer.wte.weight": (64, 32),
+        "model.transformer.blocks.0.att_proj.weight": (96, 32),
+        "model.transformer.blocks.0.attn_out.weight": (32, 32),
+        "model.transformer.blocks.0.ff_proj.weight": (96, 32),
+        "model.transformer.blocks.0.ff_out.weight": (32, 48),
+        "model.transformer.ff_out.weight": (64, 32),  # the untied output head
+    }
+    got = {name: classify(name, shape) for name, shape in shapes.items()}
+    assert [(r.layer, r.component, r.klass) for r in got.values()] == [
+        (None, "embed", "other"),
+        (0, "qkv", "mixed"),
+        (0, "o", "transmission"),
+        (0, "ffn_gate_up", "transmission"),
+        (0, "ffn_down", "transmission"),
+        (None, "lm_head", "other"),
+    ]
+    assert roles.fused_components(got["model.transformer.blocks.0.ff_proj.weight"]) == ("ffn_gate", "ffn_up")
+    assert attention_kind({"model_type": "olmo", "n_heads": 4}, list(shapes)) == "fused"
+
+
+def test_torch_multihead_attention_and_transformer_layers():
+    model = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), L, enable_nested_tensor=False
+    )
+    role_map = model_roles(model)
+    assert component_counts(role_map) == {"qkv": L, "o": L, "ffn_up": L, "ffn_down": L}
+    assert role_map["layers.1.self_attn.in_proj_weight"].parts == ("q", "k", "v")
+    assert attention_kind(model) == "fused"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _Custom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"mixer_a": torch.nn.Linear(8, 8)}) for _ in range(2)
+        )
+        self.head = torch.nn.Linear(8, 3)
+
+
+def test_unknown_weights_are_other_and_listed_once():
+    with pytest.warns(UnknownWeightsWarning) as caught:
+        role_map = model_roles(_Custom())
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for name in ("blocks.0.mixer_a.weight", "blocks.1.mixer_a.weight", "head.weight"):
+        assert name in message and role_map[name].klass == "other"
+    assert role_map["blocks.1.mixer_a.weight"].layer == 1
+
+
+def test_overrides_win_over_built_in_rules():
+    overrides = {r"mixer_a": "q", r"^head\.": "lm_head"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWeightsWarning)
+        role_map = model_roles(_Custom(), overrides=overrides)
+    assert role_map["blocks.0.mixer_a.weight"] == Role(0, "q", "selection")
+    assert role_map["head.weight"].component == "lm_head"
+    # an override beats a built-in rule, and a bad override is a clear error
+    assert (
+        classify("model.layers.0.mlp.up_proj.weight", overrides={"up_proj": "ffn_gate"}).component
+        == "ffn_gate"
+    )
+    with pytest.raises(ValueError, match="not one of"):
+        model_roles(_Custom(), overrides={"head": "attention"})
+    with pytest.raises(ValueError, match="regular expression"):
+        model_roles(_Custom(), overrides={"(": "q"})
+
+
+def test_attention_kind_from_configs_and_dicts():
+    assert attention_kind(tf.LlamaConfig(num_attention_heads=8, num_key_value_heads=8)) == "mha"
+    assert attention_kind(tf.LlamaConfig(num_attention_heads=8, num_key_value_heads=2)) == "gqa"
+    assert (
+        attention_kind({"model_type": "gemma", "num_attention_heads": 8, "num_key_value_heads": 1}) == "mqa"
+    )
+    assert attention_kind({"model_type": "gpt_neox", "num_attention_heads": 8}) == "fused"
+    assert (
+        attention_kind({"model_type": "llama", "num_attention_heads": 8}) == "mha"
+    )  # no KV count: one per head
+    assert attention_kind(None) is None
+    assert (
+        roles.selection_expectation_for(tf.LlamaConfig(num_attention_heads=8, num_key_value_heads=2))
+        == "mild"
+    )
+    assert (
+        roles.selection_expectation_for({"model_type": "gpt_neox", "num_attention_heads": 8})
+        == "transitional"
+    )
+    assert roles.selection_expectation_for(tf.OlmoConfig(num_attention_heads=4)) == "deep"
