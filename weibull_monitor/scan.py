@@ -119,6 +119,26 @@ def _skip_row(
     return row
 
 
+def matrix_roles(checkpoint: Checkpoint, infos: Sequence[TensorInfo] | None = None) -> dict[str, Any]:
+    """Roles of the tensors of ``checkpoint`` that are weight matrices (keyed by the name in the file).
+
+    Norms, biases and integer buffers (position ids) are left out; a tensor named by an index whose shard is missing
+    (shape unknown) is kept as "other" so that it shows up as skipped.
+    """
+    from weibull_monitor.roles import Role, classify
+
+    roles: dict[str, Any] = {}
+    for info in checkpoint.infos() if infos is None else infos:
+        role = classify(info.role_name, info.shape or None, checkpoint.config)
+        if role is None and info.skip_reason is not None and not info.shape:
+            role = Role(layer=None, component="other", klass="other")
+        if role is not None and not info.is_float and info.skip_reason is None and role.component == "other":
+            role = None  # an integer buffer (position ids, masks), not a weight
+        if role is not None:
+            roles[info.name] = role
+    return roles
+
+
 def scan_checkpoint(
     checkpoint: Checkpoint,
     *,
@@ -132,17 +152,11 @@ def scan_checkpoint(
     ``ok=False`` and a reason, and are listed in ``skipped``.
     """
     from weibull_monitor.fit import fit_weibull
-    from weibull_monitor.roles import Role, attention_kind, classify, split_fused, split_key, view_role
+    from weibull_monitor.roles import attention_kind, split_fused, split_key, view_role
 
     config = checkpoint.config
     infos = checkpoint.infos()
-    roles: dict[str, Any] = {}
-    for info in infos:
-        role = classify(info.role_name, info.shape or None, config)
-        if role is None and info.skip_reason is not None and not info.shape:
-            role = Role(layer=None, component="other", klass="other")  # a missing shard: shape unknown
-        if role is not None:
-            roles[info.name] = role
+    roles = matrix_roles(checkpoint, infos)
     try:
         kind = attention_kind(config, [i.role_name for i in infos if i.name in roles])
     except (ValueError, TypeError, KeyError, AttributeError):
@@ -257,7 +271,7 @@ def expectation_for(klass: str, component: str, attention_kind: str | None) -> t
         return band, f"{band.low:.2f}-{band.high:.2f} fused QKV (transitional)" if band else "-"
     band = expectations.expected_band(klass, attention_kind)
     if band is not None:
-        return band, f"{band.low:.3g}-{band.high:.3g} {band.label}"
+        return band, f"{band.low:.3f}-{band.high:.3f} {band.label}"
     if klass == "selection":
         return None, "selection: band depends on attention kind (unknown)"
     if klass == "value":
