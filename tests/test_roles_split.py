@@ -411,9 +411,58 @@ def test_olmo1_native_att_proj_and_ff_proj():
     assert torch.equal(ffn["ffn_up"], ff[:F]) and torch.equal(ffn["ffn_gate"], ff[F:])
 
 
-def test_meta_tensors_split_without_data():
-    # Sharded monitoring splits a meta proxy of the global shape: every layout must accept one.
-    config = tf.GPTNeoXConfig(hidden_size=32, num_attention_heads=4)
-    proxy = torch.empty(96, 32, device="meta")
-    parts = split_fused("gpt_neox.layers.0.attention.query_key_value.weight", proxy, config, as_matrix=False)
-    assert all(p.is_meta and p._base is proxy for p in parts.values())
+META_LAYOUTS = [
+    (
+        "gpt_neox.layers.0.attention.query_key_value.weight",
+        (96, 32),
+        {"model_type": "gpt_neox", "num_attention_heads": 4, "hidden_size": 32},
+    ),
+    (
+        "h.0.self_attention.query_key_value.weight",
+        (96, 32),
+        {"model_type": "bloom", "n_head": 4, "hidden_size": 32},
+    ),
+    (
+        "h.0.self_attention.query_key_value.weight",
+        (48, 32),
+        {"model_type": "falcon", "num_attention_heads": 4, "hidden_size": 32, "multi_query": True},
+    ),
+    (
+        "h.0.self_attention.query_key_value.weight",
+        (64, 32),
+        {
+            "model_type": "falcon",
+            "num_attention_heads": 4,
+            "hidden_size": 32,
+            "new_decoder_architecture": True,
+            "num_kv_heads": 2,
+        },
+    ),
+    ("transformer.h.0.attn.c_attn.weight", (32, 96), {"model_type": "gpt2", "n_head": 4, "n_embd": 32}),
+    (
+        "transformer.h.0.attn.c_attn.weight",
+        (48, 32),
+        {"model_type": "gpt_bigcode", "n_head": 4, "n_embd": 32, "multi_query": True},
+    ),
+    (
+        "model.layers.0.self_attn.qkv_proj.weight",
+        (64, 32),
+        {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32},
+    ),
+    ("model.layers.0.mlp.gate_up_proj.weight", (96, 32), None),
+    ("transformer.blocks.0.attn.Wqkv.weight", (96, 32), None),
+    ("layers.0.self_attn.in_proj_weight", (48, 16), None),
+    ("model.layers.0.mlp.experts.gate_up_proj", (3, 32, 32), None),
+    ("model.layers.0.mlp.experts.down_proj", (3, 32, 16), None),
+]
+
+
+@pytest.mark.parametrize("name, shape, config", META_LAYOUTS)
+def test_every_layout_splits_meta_proxies_into_views(name, shape, config):
+    # Sharded monitoring splits a meta proxy of the global shape and reads each view's geometry: with
+    # as_matrix=False every layout must return views of the proxy, covering each element exactly once.
+    proxy = torch.empty(shape, device="meta")
+    parts = split_fused(name, proxy, config, as_matrix=False)
+    assert parts and all(p.is_meta and p._base is proxy for p in parts.values())
+    assert sum(p.numel() for p in parts.values()) == proxy.numel()
+    assert tuple(parts) == classify(name, shape, config).parts

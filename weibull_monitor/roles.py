@@ -428,9 +428,7 @@ def attention_kind(model_or_config: Any, names: Iterable[str] | None = None) -> 
         params = dict(model.named_parameters())
         q_rows, k_rows = params[components["q"]].shape[0], params[components["k"]].shape[0]
         return "mha" if q_rows == k_rows else "gqa"
-    if "q" in components and "k" in components:
-        return "mha"
-    return None
+    return None  # separate Q/K but neither head counts nor shapes: GQA cannot be told from MHA
 
 
 def _kind_from_heads(heads: int, kv_heads: int) -> str:
