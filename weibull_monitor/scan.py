@@ -477,23 +477,6 @@ def rows_to_csv(results: Sequence[ScanResult]) -> str:
 # Store.
 
 
-def _aggregates(result: ScanResult) -> dict[str, float]:
-    """Class medians under the dashboard metric names, for the store's aggregates table."""
-    by_klass: dict[str, list[float]] = {}
-    scales: dict[str, list[float]] = {}
-    for key, fit in result.fits.items():
-        role = result.roles[key]
-        if not fit.ok or (role.component in ("qkv", "ffn_gate_up") and role.fused_parent is None):
-            continue
-        by_klass.setdefault(role.klass, []).append(float(fit.k))
-        scales.setdefault(role.klass, []).append(float(fit.scale))
-    out: dict[str, float] = {}
-    for klass, ks in by_klass.items():
-        out[f"weibull/{klass}/k_median"] = float(statistics.median(ks))
-        out[f"weibull/{klass}/scale_median"] = float(statistics.median(scales[klass]))
-    return out
-
-
 def write_store(
     results: Sequence[ScanResult], store_path: str | Path, source: str | Path, run_name: str | None = None
 ) -> int:
@@ -502,7 +485,9 @@ def write_store(
     A single checkpoint is stored as step 0. Returns the run id. A step already stored for that run is left as it
     was (the store refuses duplicates), so scanning the same path twice does not double it.
     """
-    from weibull_monitor.monitor import Snapshot
+    from weibull_monitor import dynamics
+    from weibull_monitor.fit import K_GAUSSIAN
+    from weibull_monitor.snapshot import Snapshot
     from weibull_monitor.store import RunStore
 
     if not results:
@@ -518,15 +503,33 @@ def write_store(
             "series": len(results) > 1 or results[0].step is not None,
         }
         run_id = store.open_run(name, meta)
+        scale_first: dict[str, float] = {}
+        budget = dynamics.TimescaleBudget()  # no optimizer in a checkpoint scan: T/tau stays undefined
         for result in results:
+            for key, fit in result.fits.items():
+                if fit.ok and key not in scale_first:
+                    scale_first[key] = float(fit.scale)  # growth is measured from the first checkpoint
+            fused_parents = {role.fused_parent for role in result.roles.values() if role.fused_parent}
+            matrices = dynamics.matrix_stats(
+                result.fits,
+                result.roles,
+                k_anchor=K_GAUSSIAN,
+                scale_first=scale_first,
+                group_of={},
+                current_rates=[],
+                budget=budget,
+                aggregate_excluded=fused_parents,
+            )
             snapshot = Snapshot(
                 step=result.step if result.step is not None else 0,
                 fits=result.fits,
                 roles=result.roles,
-                aggregates=_aggregates(result),
-                alerts=[],
+                aggregates=dynamics.aggregates(result.fits, result.roles, matrices, k_anchor=K_GAUSSIAN),
                 attention_kind=result.attention_kind,
                 T_over_tau=None,
+                expectation=expectations.selection_expectation(result.attention_kind),
+                matrices=matrices,
+                skipped=dict(result.skipped),
             )
             store.write_snapshot(run_id, snapshot)
         return run_id
