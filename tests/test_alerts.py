@@ -100,3 +100,112 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ValueError):
         AlertEngine([Threshold(), Threshold()])
     assert LEVELS == ("info", "warning", "critical")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Built-in rules, forced to fire on a real tiny LLaMA through the real monitor, store and logging.
+
+import torch  # noqa: E402
+
+from weibull_monitor.alerts import (  # noqa: E402
+    NonFiniteWeights,
+    NonWeibullShape,
+    ScaleRunaway,
+    SelectionCollapse,
+    SelectionDepartureOnset,
+    TransmissionOutOfBand,
+)
+from weibull_monitor.monitor import WeibullMonitor  # noqa: E402
+from weibull_monitor.toy import tiny_llama  # noqa: E402
+
+
+def weibull_draws(shape, k: float, scale: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Signed draws whose magnitudes are Weibull(k, scale): |w| = scale * E^(1/k), E ~ Exp(1)."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = scale * torch.empty(shape).exponential_(generator=g) ** (1.0 / k)
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return magnitude * sign
+
+
+def _set(model, suffixes, make):
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if any(name.endswith(s) for s in suffixes):
+                p.copy_(make(p.shape, i))
+
+
+def _attention(model):
+    _set(model, ("q_proj.weight", "k_proj.weight"), lambda shape, i: weibull_draws(shape, 0.7, seed=i))
+
+
+def _one_deep(model):
+    _attention(model)
+    _set(model, ("layers.1.self_attn.k_proj.weight",), lambda shape, i: weibull_draws(shape, 0.45, seed=i))
+
+
+def _laplace(model):
+    _set(model, ("q_proj.weight", "k_proj.weight"), lambda shape, i: weibull_draws(shape, 1.0, seed=i))
+
+
+def _uniform_transmission(model):
+    suffixes = ("o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    _set(model, suffixes, lambda shape, i: (torch.rand(shape) * 2 - 1) * 0.03)
+
+
+def _mixture(model):
+    def make(shape, i):
+        w = torch.randn(shape)
+        return torch.where(torch.rand(shape) < 0.5, w * 1e-4, w * 0.05)
+
+    _set(model, ("layers.0.mlp.up_proj.weight",), make)
+
+
+def _nan(model):
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+
+
+CASES = {
+    # rule, sabotage applied before snapshot 0 (or between 0 and 25 for growth), expected (step, level, key)
+    "collapse": (SelectionCollapse(patience=2, cooldown=50), _one_deep, None,
+                 [(25, "warning", "median"), (25, "critical", "matrix"), (75, "warning", "median"), (75, "critical", "matrix")]),
+    "onset": (SelectionDepartureOnset(), _laplace, None, [(0, "info", "selection")]),
+    "band": (TransmissionOutOfBand(patience=3), _uniform_transmission, None, [(50, "warning", "median")]),
+    "shape": (NonWeibullShape(cooldown=1000), _mixture, None, [(0, "warning", "model.layers.0.mlp.up_proj.weight")]),
+    "runaway": (ScaleRunaway(patience=1), None, lambda m: m.model.layers[0].self_attn.o_proj.weight.data.mul_(8),
+                [(25, "warning", "model.layers.0.self_attn.o_proj.weight")]),
+    "nonfinite": (NonFiniteWeights(), _nan, None, [(s, "critical", "weights") for s in (0, 25, 50, 75)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_builtin_rule_fires_into_store_log_and_callback(case, tmp_path, caplog):
+    rule, sabotage, later, expected = CASES[case]
+    model = tiny_llama(0)
+    if sabotage:
+        sabotage(model)
+    received = []
+    monitor = WeibullMonitor(
+        model, store=tmp_path / "w.sqlite", rules=[rule], on_alert=received.append, stop_on_critical=True
+    )
+    fired = []
+    with caplog.at_level(logging.INFO, logger="weibull_monitor"):
+        for step in (0, 25, 50, 75):
+            fired += [(a.step, a.level, a.key) for a in monitor.snapshot(step).alerts]
+            if later and step == 0:
+                later(model)
+    monitor.close()
+    assert sorted(fired) == sorted(expected)
+    assert sorted((a.step, a.level, a.key) for a in received) == sorted(expected)
+    with monitor.store.__class__(tmp_path / "w.sqlite") as store:
+        stored = store.alerts()
+    assert sorted((a["step"], a["level"], a["key"]) for a in stored) == sorted(expected)
+    assert all(a["rule"] == rule.rule_name and a["message"] for a in stored)
+    logged = [r for r in caplog.records if rule.rule_name in r.getMessage() and "alert" in r.getMessage()]
+    assert len(logged) == len(expected)
+    assert {logging.getLevelName(r.levelno).lower() for r in logged} == {lvl for _, lvl, _ in expected}
+    assert monitor.stop_requested == any(lvl == "critical" for _, lvl, _ in expected)
+    first = received[0]
+    assert first.matrices and all(isinstance(v, float) for v in first.values.values())
+    if case == "shape":  # quantile-ratio figures replace k when the shape is not Weibull
+        assert first.values["r2"] < 0.95 and first.values["q90_over_q10"] > 1
