@@ -474,3 +474,36 @@ def test_attention_kind_from_configs_and_dicts():
         == "transitional"
     )
     assert roles.selection_expectation_for(tf.OlmoConfig(num_attention_heads=4)) == "deep"
+
+
+def test_wrapper_prefixes_and_peft_names():
+    # DDP (module.), torch.compile (_orig_mod.), FSDP1 wrappers and PEFT LoRA keep the underlying role
+    for name in (
+        "module.model.layers.3.self_attn.k_proj.weight",
+        "_orig_mod.model.layers.3.self_attn.k_proj.weight",
+        "_fsdp_wrapped_module.model.layers.3._fsdp_wrapped_module.self_attn.k_proj.weight",
+        "base_model.model.model.layers.3.self_attn.k_proj.base_layer.weight",
+    ):
+        assert classify(name, (16, 32)) == Role(3, "k", "selection"), name
+    lora = classify("base_model.model.model.layers.3.self_attn.k_proj.lora_A.default.weight", (8, 32))
+    assert lora.component == "other" and lora.layer == 3
+
+
+def test_gpt2_cross_attention_names_and_split():
+    config = tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, add_cross_attention=True)
+    model = tf.GPT2LMHeadModel(config)
+    role_map = model_roles(model)
+    kv = role_map["transformer.h.0.crossattention.c_attn.weight"]
+    assert (kv.component, kv.stack, kv.parts) == ("qkv", "cross", ("k", "v"))
+    assert role_map["transformer.h.0.crossattention.q_attn.weight"] == Role(
+        0, "q", "selection", stack="cross"
+    )
+    assert role_map["transformer.h.0.crossattention.c_proj.weight"] == Role(
+        0, "o", "transmission", stack="cross"
+    )
+    weight = model.transformer.h[
+        0
+    ].crossattention.c_attn.weight  # Conv1D [in, 2E]: forward splits K, V by columns
+    parts = roles.split_fused("transformer.h.0.crossattention.c_attn.weight", weight, config)
+    assert torch.equal(parts["k"], weight[:, :32].T) and torch.equal(parts["v"], weight[:, 32:].T)
+    assert attention_kind(model) == "fused"  # self-attention is the fused c_attn

@@ -149,6 +149,7 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
         r"|classifier\.dense|classifier\.out_proj|seq_relationship)$",
         "other",
     ),
+    (r"\.lora_(?:embedding_)?[ab](?:\.[^.]+)?$", "other"),  # PEFT adapters: low-rank factors, not projections
 )
 _COMPILED_RULES = tuple((re.compile(pattern, re.IGNORECASE), component) for pattern, component in _NAME_RULES)
 
@@ -166,9 +167,10 @@ _T5_STACK = re.compile(r"(?:^|\.)(?:encoder|decoder)\.block\.\d+")
 
 
 def _strip(name: str) -> str:
+    """The module path a rule sees: no trailing ``.weight``, no PEFT ``.base_layer`` wrapper."""
     if name.endswith(".weight"):
-        return name[: -len(".weight")]
-    return name
+        name = name[: -len(".weight")]
+    return name.replace(".base_layer", "")
 
 
 def _match_rules(name: str, overrides: Iterable[tuple[re.Pattern[str], str]] = ()) -> tuple[str, bool]:
