@@ -34,8 +34,9 @@ class GuardedSink(Sink):
         self.calls = 0  # calls that returned normally
         self.failures = 0  # calls that raised
         self.dropped = 0  # calls dropped because the queue was full (a hanging or very slow sink)
-        self._faulty = False  # inside a failure episode (first failure reported, the rest counted)
-        self._episode_failures = 0
+        # method -> failures in the current episode (first failure reported, the rest counted); per method so
+        # a sink whose log_alert fails while log_metrics works is not reported as flapping
+        self._faulty: dict[str, int] = {}
         self._hang_reported = False
         self._drop_reported = False
         self._busy_since: float | None = None
@@ -160,9 +161,8 @@ class GuardedSink(Sink):
             getattr(self.sink, method)(*args)
         except Exception as exc:
             self.failures += 1
-            self._episode_failures += 1
-            if not self._faulty:
-                self._faulty = True
+            if method not in self._faulty:
+                self._faulty[method] = 0
                 logger.warning(
                     "sink %s failed in %s: %s: %s (further failures are counted, not logged, until it recovers)",
                     self.name,
@@ -171,14 +171,16 @@ class GuardedSink(Sink):
                     exc,
                     exc_info=exc,
                 )
+            self._faulty[method] += 1
             return
         finally:
             elapsed = time.monotonic() - (self._busy_since or time.monotonic())
             self._busy_since = None
         self.calls += 1
-        if self._faulty:
-            logger.warning("sink %s recovered after %d failed calls", self.name, self._episode_failures)
-            self._faulty, self._episode_failures = False, 0
+        if method in self._faulty:
+            logger.warning(
+                "sink %s recovered in %s after %d failed calls", self.name, method, self._faulty.pop(method)
+            )
         if self._hang_reported:
             logger.warning("sink %s returned again (a call took %.1f s)", self.name, elapsed)
             self._hang_reported = False
