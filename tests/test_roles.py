@@ -507,3 +507,25 @@ def test_gpt2_cross_attention_names_and_split():
     parts = roles.split_fused("transformer.h.0.crossattention.c_attn.weight", weight, config)
     assert torch.equal(parts["k"], weight[:, :32].T) and torch.equal(parts["v"], weight[:, 32:].T)
     assert attention_kind(model) == "fused"  # self-attention is the fused c_attn
+
+
+def test_original_llama_and_distilbert_names():
+    meta = {
+        "tok_embeddings.weight": ("embed", None),
+        "layers.4.attention.wq.weight": ("q", 4),
+        "layers.4.attention.wk.weight": ("k", 4),
+        "layers.4.attention.wv.weight": ("v", 4),
+        "layers.4.attention.wo.weight": ("o", 4),
+        "layers.4.feed_forward.w1.weight": ("ffn_gate", 4),
+        "layers.4.feed_forward.w3.weight": ("ffn_up", 4),
+        "layers.4.feed_forward.w2.weight": ("ffn_down", 4),
+        "output.weight": ("lm_head", None),
+        "distilbert.transformer.layer.1.attention.q_lin.weight": ("q", 1),
+        "distilbert.transformer.layer.1.attention.out_lin.weight": ("o", 1),
+        "distilbert.transformer.layer.1.ffn.lin1.weight": ("ffn_up", 1),
+        "distilbert.transformer.layer.1.ffn.lin2.weight": ("ffn_down", 1),
+    }
+    for name, (component, layer) in meta.items():
+        role = classify(name, (8, 8))
+        assert (role.component, role.layer) == (component, layer), name
+    assert classify("layers.4.attention_norm.weight") is None

@@ -120,19 +120,15 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"(?:^|\.)(?:router|shared_expert_gate)(?:\.layer|\.classifier)?$", "router"),
     (r"(?:mlp|block_sparse_moe|moe)\.gate$", "router"),
     # FFN
-    (
-        r"(?:^|\.)(?:gate_up_proj|ff_proj|w13|fc1_gate_up)$",
-        "ffn_gate_up",
-    ),  # ff_proj: OLMo-1 (up first, gate second)
+    # ff_proj: OLMo-1, stored up first and gate second (see split_fused)
+    (r"(?:^|\.)(?:gate_up_proj|ff_proj|w13|fc1_gate_up)$", "ffn_gate_up"),
     (r"(?:^|\.)(?:gate_proj|w1|wi_0|gate_linear)$", "ffn_gate"),
     (r"(?:^|\.)(?:up_proj|w3|wi_1|wi|fc_in|c_fc|dense_h_to_4h|fc1|linear1|lin1|up_linear)$", "ffn_up"),
     (r"intermediate\.dense$", "ffn_up"),
     (r"(?:^|\.)(?:down_proj|w2|fc_out|dense_4h_to_h|fc2|linear2|lin2|down_linear)$", "ffn_down"),
     (_MLP + r"\.(?:wo|c_proj|dense|out)$", "ffn_down"),
-    (
-        r"(?:layer|layers|h|blocks|block)\.\d+\.output\.dense$",
-        "ffn_down",
-    ),  # BERT family (not attention.output)
+    # BERT family: layer.N.output.dense is the FFN's down projection (attention.output.dense matched above)
+    (r"(?:layer|layers|h|blocks|block)\.\d+\.output\.dense$", "ffn_down"),
     (r"(?:layer|layers|h|blocks|block)\.\d+\.ff_out$", "ffn_down"),  # OLMo-1 block ff_out
     # embeddings and heads
     (
@@ -146,7 +142,7 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
     # recognised heads that are no transformer projection: classed "other" without a warning
     (
         r"(?:^|\.)(?:classifier|score|qa_outputs|pooler\.dense|transform\.dense|lm_head\.dense|summary|pre_classifier"
-        r"|classifier\.dense|classifier\.out_proj|seq_relationship)$",
+        r"|classifier\.dense|classifier\.out_proj|seq_relationship|vocab_transform)$",
         "other",
     ),
     (r"\.lora_(?:embedding_)?[ab](?:\.[^.]+)?$", "other"),  # PEFT adapters: low-rank factors, not projections
