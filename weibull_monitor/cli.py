@@ -142,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from weibull_monitor.loaders import LoaderError
+    from weibull_monitor.report import ReportError
+    from weibull_monitor.store import StoreError
 
     handlers = {"scan": _scan, "report": _report, "demo": _demo}
     try:
         return handlers[args.command](args)
-    except (LoaderError, FileNotFoundError, ImportError) as exc:
+    except (LoaderError, ReportError, StoreError, FileNotFoundError, ImportError) as exc:
         print(f"weibull-monitor {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `scan ... | head`: the reader left, nothing to report
