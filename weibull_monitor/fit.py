@@ -325,31 +325,52 @@ def too_few_reason(n: int, n_zero: int, n_nonfinite: int) -> str | None:
 # The exact method
 
 
-def _fit_exact(t: torch.Tensor) -> WeibullFit:
+def _sorted_magnitudes(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(ascending finite nonzero |w| as a 1-D tensor, n_zero, n_nonfinite).
+
+    Values are sorted in float32 when that is exact (fp32, bf16, fp16, float8) and in float64 otherwise, on the
+    CPU through numpy (its sort is 2-3x faster than torch's there), elsewhere on the tensor's own device.
+    """
     flat = t.reshape(-1)
-    # float64 on the tensor's own device: the reference method, a full copy by design.
-    a = flat.to(torch.float64).abs()
-    finite = torch.isfinite(a)
-    nonzero = a != 0
+    exact_in_fp32 = t.dtype in (torch.float32, torch.bfloat16, torch.float16) or "float8" in str(t.dtype)
+    values = flat.to(torch.float32 if exact_in_fp32 else torch.float64).abs()
+    if values.device.type == "cpu":
+        a = values.numpy()
+        finite = np.isfinite(a)
+        keep = finite & (a != 0)
+        n_nonfinite = int(a.size - np.count_nonzero(finite))
+        kept = a[keep]
+        n_zero = int(a.size - n_nonfinite - kept.size)
+        kept.sort()
+        return torch.from_numpy(kept), n_zero, n_nonfinite
+    finite = torch.isfinite(values)
+    keep = finite & (values != 0)
     n_nonfinite = int((~finite).sum())
-    n_zero = int((finite & ~nonzero).sum())
-    a = a[finite & nonzero]
+    kept = values[keep]
+    n_zero = int(values.numel() - n_nonfinite - kept.numel())
+    return torch.sort(kept).values, n_zero, n_nonfinite
+
+
+def _fit_exact(t: torch.Tensor) -> WeibullFit:
+    """The sort-based reference (science.md section 1), all arithmetic in float64."""
+    a, n_zero, n_nonfinite = _sorted_magnitudes(t)
     n = int(a.numel())
     reason = too_few_reason(n, n_zero, n_nonfinite)
     if reason is not None:
         return failed_fit(reason, "exact", n, n_zero, n_nonfinite)
-    a, _ = torch.sort(a)
     lo, hi = middle_ranks(n)
     ranks = torch.arange(lo, hi + 1, dtype=torch.float64, device=a.device)
     y = torch.log(-torch.log1p(-(ranks - 0.5) / n))
-    x = torch.log(a[lo - 1 : hi])
+    x = torch.log(a[lo - 1 : hi].to(torch.float64))
     sums = regression_sums(x, y, torch.ones_like(x)).cpu().numpy()
-    h = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=a.device) * n - 0.5
+    h = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64) * n - 0.5
     h = h.clamp(0.0, n - 1.0)
     base = h.floor().long()
     nxt = (base + 1).clamp(max=n - 1)
     frac = h - base
-    qs = (a[base] * (1 - frac) + a[nxt] * frac).cpu().tolist()
+    a_lo = a[base.to(a.device)].to(torch.float64).cpu()
+    a_hi = a[nxt.to(a.device)].to(torch.float64).cpu()
+    qs = (a_lo * (1 - frac) + a_hi * frac).tolist()
     return fit_from_sums(sums, n=n, n_zero=n_zero, n_nonfinite=n_nonfinite, method="exact", quantiles=qs)
 
 

@@ -18,8 +18,10 @@ NONFINITE_COLUMN.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,8 +53,14 @@ KINDS = ("bf16", "fp16", "fp32")
 EXACT_KINDS = ("bf16", "fp16")  # every element equals its code's value
 _FIRST_NONFINITE_CODE = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F80}  # exponent all ones: Inf and NaN
 
-CHUNK_ELEMENTS = 1 << 22
-"""Elements coded per step: bounds the temporary int16/fp32 buffers to a few MB whatever the matrix size."""
+CPU_CHUNK_ELEMENTS = 1 << 20
+"""Elements coded per step on CPU: the int16 codes of a chunk (2 MB) stay in cache between coding and counting."""
+DEVICE_CHUNK_ELEMENTS = 1 << 26
+"""Elements coded per step on an accelerator: bounds the temporary codes to 128 MB whatever the matrix size."""
+SMALL_ELEMENTS = 1 << 16
+"""Tensors up to this size are counted together, many per bincount."""
+BATCH_ROWS = 256
+"""At most this many small tensors per shared bincount (its output is BATCH_ROWS x 256 KB)."""
 
 GRID_POINTS = 4096
 """Regression points per matrix: every middle rank when there are at most this many, else a midpoint grid."""
@@ -88,39 +96,80 @@ def _codes(chunk: torch.Tensor) -> torch.Tensor:
     return _codes(chunk.to(torch.float32))  # fp64 rounded to fp32
 
 
-def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
-    """Views of ``t`` of at most ~CHUNK_ELEMENTS elements each (no copy, any strides)."""
+def _chunks(t: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Views of ``t`` of about ``size`` elements each (no copy, any strides; >2-D tensors are taken flattened)."""
     numel = t.numel()
     if t.dim() == 0:
         return [t.reshape(1)]
     if t.is_contiguous():
         flat = t.view(-1)
-        return [flat[i : i + CHUNK_ELEMENTS] for i in range(0, numel, CHUNK_ELEMENTS)]
+        return [flat[i : i + size] for i in range(0, numel, size)]
     if t.dim() == 1:
-        return [t[i : i + CHUNK_ELEMENTS] for i in range(0, numel, CHUNK_ELEMENTS)]
+        return [t[i : i + size] for i in range(0, numel, size)]
     rows = t.shape[0]
-    per_row = max(1, numel // rows)
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, size // max(1, numel // rows))
     return [t[i : i + step] for i in range(0, rows, step)]
 
 
-def _finalise_row(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Bincount over 32768 codes -> count row with zero and non-finite columns moved to their own columns."""
-    row = torch.zeros(N_COLUMNS, dtype=torch.int64, device=raw.device)
-    row[:N_BINS] = raw
-    row[ZERO_COLUMN] = raw[0]
-    first_nonfinite = _FIRST_NONFINITE_CODE[kind]
-    row[NONFINITE_COLUMN] = raw[first_nonfinite:].sum()
-    row[0] = 0
-    row[first_nonfinite:N_BINS] = 0
-    return row
+_POOL: list[ThreadPoolExecutor] = []
 
 
-def _count_row(t: torch.Tensor) -> torch.Tensor:
-    acc = torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
-    for chunk in _chunks(t):
-        acc += torch.bincount(_codes(chunk), minlength=N_BINS)
-    return _finalise_row(acc, histogram_kind(t.dtype))
+def _thread_pool() -> ThreadPoolExecutor:
+    """Workers for CPU histograms: ``torch.bincount`` runs on one thread, so chunks are spread across cores."""
+    if not _POOL:
+        _POOL.append(
+            ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="wm-hist")
+        )
+    return _POOL[0]
+
+
+def _bincount(chunk: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(_codes(chunk), minlength=N_BINS)
+
+
+def _raw_counts(t: torch.Tensor) -> torch.Tensor:
+    """int64 [N_BINS] counts of the magnitude codes of ``t``, on its device, chunk by chunk."""
+    if t.device.type != "cpu":
+        chunks = _chunks(t, DEVICE_CHUNK_ELEMENTS)
+        acc = torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
+        for chunk in chunks:
+            acc += _bincount(chunk)
+        return acc
+    chunks = _chunks(t, CPU_CHUNK_ELEMENTS)
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1:
+        parts = [_bincount(c) for c in chunks]
+    else:
+        parts = list(_thread_pool().map(_bincount, chunks))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+def _finalise(raw: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:
+    """Raw code counts [M, N_BINS] -> count rows [M, N_COLUMNS]: zeros and Inf/NaN moved to their own columns."""
+    counts = torch.zeros(raw.shape[0], N_COLUMNS, dtype=torch.int64, device=raw.device)
+    counts[:, :N_BINS] = raw
+    counts[:, ZERO_COLUMN] = raw[:, 0]
+    counts[:, 0] = 0
+    for kind in set(kinds):
+        first = _FIRST_NONFINITE_CODE[kind]
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if len(rows) == len(kinds):
+            counts[:, NONFINITE_COLUMN] = raw[:, first:].sum(1)
+            counts[:, first:N_BINS] = 0
+        else:
+            index = torch.tensor(rows, device=raw.device)
+            counts[index, NONFINITE_COLUMN] = raw[index, first:].sum(1)
+            counts[index, first:N_BINS] = 0
+    return counts
+
+
+def _batched_raw_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[len(tensors), N_BINS] raw counts of small tensors on one device with a single bincount."""
+    offsets = []
+    for row, t in enumerate(tensors):
+        offsets.append(_codes(t).to(torch.int32) + row * N_BINS)
+    flat = torch.cat(offsets)
+    return torch.bincount(flat, minlength=len(tensors) * N_BINS).view(len(tensors), N_BINS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,8 +372,9 @@ class WeightHistogram:
         if t is None:
             device = tensor.device if tensor.device.type != "meta" else torch.device("cpu")
             return cls(torch.zeros(N_COLUMNS, dtype=torch.int64, device=device), "fp32", reason)
+        kind = histogram_kind(t.dtype)
         with torch.no_grad():
-            return cls(_count_row(t), histogram_kind(t.dtype))
+            return cls(_finalise(_raw_counts(t)[None, :], [kind])[0], kind)
 
     def merge(self, other: WeightHistogram) -> WeightHistogram:
         """Histogram of the union of both tensors' elements (shards of one matrix)."""
@@ -396,20 +446,33 @@ class HistogramBatch:
 
 
 def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
-    """Histograms of many tensors in one [M, N_COLUMNS] count tensor (TypeError for a non-tensor)."""
-    rows: list[torch.Tensor] = []
+    """Histograms of many tensors in one [M, N_COLUMNS] count tensor (TypeError for a non-tensor).
+
+    Small tensors share bincounts; large ones are counted chunk by chunk. The counts live on the device of the
+    first readable tensor; a row that cannot be read carries its reason and zero counts.
+    """
+    readable: list[torch.Tensor | None] = []
     kinds: list[str] = []
     reasons: list[str | None] = []
-    device: torch.device | None = None
     for tensor in tensors:
-        hist = WeightHistogram.from_tensor(tensor)
-        if device is None and hist.reason is None:
-            device = hist.counts.device
-        rows.append(hist.counts)
-        kinds.append(hist.kind)
-        reasons.append(hist.reason)
-    device = device or torch.device("cpu")
-    if not rows:
-        return HistogramBatch(torch.zeros(0, N_COLUMNS, dtype=torch.int64, device=device), [], [])
-    counts = torch.stack([r.to(device) for r in rows])
+        t, reason = readable_tensor(tensor)
+        readable.append(t)
+        reasons.append(reason)
+        kinds.append(histogram_kind(t.dtype) if t is not None else "fp32")
+    device = next((t.device for t in readable if t is not None), torch.device("cpu"))
+    raw = torch.zeros(len(readable), N_BINS, dtype=torch.int64, device=device)
+    small: list[int] = []
+    with torch.no_grad():
+        for i, t in enumerate(readable):
+            if t is None:
+                continue
+            if t.numel() <= SMALL_ELEMENTS and t.device == device:
+                small.append(i)
+            else:
+                raw[i] = _raw_counts(t).to(device)
+        for start in range(0, len(small), BATCH_ROWS):
+            rows = small[start : start + BATCH_ROWS]
+            part = _batched_raw_counts([readable[i] for i in rows])
+            raw[torch.tensor(rows, device=device)] = part
+        counts = _finalise(raw, kinds)
     return HistogramBatch(counts, kinds, reasons)
