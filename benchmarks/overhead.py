@@ -1,0 +1,117 @@
+"""Training-time overhead of WeibullMonitor at ``every=100``: wall time with / without the monitor, one run.
+
+For the tiny LLaMA and a ~100M-parameter LLaMA-shaped model (weibull_monitor.toy.llama_config_with_params) the
+same model trains in blocks of ``every`` optimizer steps, alternating blocks without and with the monitor (order
+swapped on every repeat so drift of a shared CPU cancels); a monitored block ends on a due step, so it pays for
+exactly one snapshot (fits, dynamics, alerts, SQLite write, LoggingSink-free) plus the per-step cost of the
+optimizer hook and ``observe``. Printed per model:
+
+- ``measured``: total time of monitored blocks / total time of plain blocks - 1 (noisy on a shared CPU);
+- ``components``: (median snapshot time + every x per-step cost) / (every x median plain step time), from
+  timings of the pieces themselves in the same run (insensitive to block-to-block noise). Target: <= 1%.
+
+    python benchmarks/overhead.py [--models tiny,100m] [--every 100] [--repeats 2] [--batch 2] [--seq 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from weibull_monitor.monitor import WeibullMonitor
+from weibull_monitor.toy import byte_batches, llama_config_with_params, tiny_llama, tiny_llama_config
+
+
+def build(name: str) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    if name == "tiny":
+        return tiny_llama(0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config_with_params(100e6))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,100m")
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2, help="pairs of (plain, monitored) blocks per model")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    _ = tiny_llama_config()  # import transformers before timing anything
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), every={args.every}, "
+        f"batch {args.batch} x seq {args.seq}, {args.repeats} repeat(s) of (plain, monitored) blocks"
+    )
+    for name in args.models.split(","):
+        model = build(name.strip())
+        n_params = sum(p.numel() for p in model.parameters())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        batches = byte_batches(args.batch, args.seq, seed=0)
+        step_times: list[float] = []
+
+        def train_step(model=model, optimizer=optimizer, batches=batches, step_times=step_times) -> None:
+            ids = next(batches)
+            started = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - started)
+
+        for _ in range(3):  # warm-up: allocator, optimizer state
+            train_step()
+        step_times.clear()
+        store = Path(tempfile.mkdtemp()) / "overhead.sqlite"
+        plain, monitored, snapshot_s = [], [], []
+        global_step = 0
+        for repeat in range(args.repeats):
+            for mode in ("plain", "monitored") if repeat % 2 == 0 else ("monitored", "plain"):
+                monitor = None
+                if mode == "monitored":
+                    monitor = WeibullMonitor(model, optimizer, every=args.every, store=store, run_name=name)
+                    _ = monitor.roles  # role map once per run, not per snapshot
+                started = time.perf_counter()
+                for _ in range(args.every):
+                    global_step += 1
+                    train_step()
+                    if monitor is not None:
+                        monitor.observe(global_step)
+                elapsed = time.perf_counter() - started
+                if monitor is not None:
+                    snapshot_s.append(monitor.last_snapshot.duration_s)
+                    monitor.close()
+                    monitored.append(elapsed)
+                else:
+                    plain.append(elapsed)
+        # per-step cost of the monitor away from due steps: optimizer hook + observe (timed in isolation)
+        monitor = WeibullMonitor(model, optimizer, every=10**9, store=None, rules=[])
+        n = 2000
+        started = time.perf_counter()
+        for step in range(1, n + 1):
+            monitor._on_optimizer_step(optimizer, (), {})
+            monitor.observe(step)
+        per_step_s = (time.perf_counter() - started) / n
+        monitor.close()
+
+        step_s = statistics.median(step_times)
+        measured = sum(monitored) / sum(plain) - 1
+        components = (statistics.median(snapshot_s) + args.every * per_step_s) / (args.every * step_s)
+        print(
+            f"{name:>5}: {n_params / 1e6:6.1f}M params, {model.config.num_hidden_layers} layers | "
+            f"step {step_s * 1e3:8.1f} ms | snapshot {statistics.median(snapshot_s) * 1e3:7.1f} ms | "
+            f"hook+observe {per_step_s * 1e6:5.1f} us/step | overhead measured {measured * 100:+6.2f}% "
+            f"(blocks plain {', '.join(f'{t:.1f}' for t in plain)} s; monitored {', '.join(f'{t:.1f}' for t in monitored)} s) "
+            f"| components {components * 100:.3f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
