@@ -116,3 +116,16 @@ def test_writer_survives_a_locked_store_and_recovers(tmp_path, caplog):
     assert any("work again" in r.getMessage() for r in caplog.records)
     assert store.steps() == [0, 10, 20, 30] and not writer.pending
     store.close()
+
+
+def test_writer_drops_a_snapshot_the_store_rejects_and_keeps_going(tmp_path, caplog):
+    store = RunStore(tmp_path / "w.sqlite")
+    writer = StoreWriter(lambda: (store, store.open_run("r", {})))
+    poisoned = make_snapshot(10)
+    poisoned.aggregates["weibull/bad"] = object()
+    with caplog.at_level(logging.WARNING, logger="weibull_monitor.store"):
+        assert writer.write(poisoned)
+        assert writer.write(make_snapshot(20))
+    assert store.steps() == [20] and writer.rejected == 1
+    assert any("rejected the snapshot of step 10" in r.getMessage() for r in caplog.records)
+    store.close()

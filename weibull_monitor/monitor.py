@@ -314,9 +314,8 @@ class WeibullMonitor:
             self._store_writer.write(snapshot, self.state_dict())
         for alert in snapshot.alerts:
             logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
-        metrics = dict(snapshot.aggregates)
         for sink in self._sinks:
-            sink.log_metrics(metrics, snapshot.step)
+            sink.log_metrics(dict(snapshot.aggregates), snapshot.step)  # a copy each: sinks may edit theirs
             for alert in snapshot.alerts:
                 sink.log_alert(alert)
             sink.log_snapshot(snapshot)

@@ -400,6 +400,10 @@ class RunStore:
         self.close()
 
 
+# Errors that say "this snapshot cannot be stored" rather than "the file cannot be written now".
+_DATA_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError, TypeError, ValueError)
+
+
 class StoreWriter:
     """Keeps a store error from stopping training: the snapshot that could not be written is kept in memory (up
     to ``backlog`` snapshots, oldest dropped first) and retried at the next write; the fault is logged once with
@@ -415,6 +419,7 @@ class StoreWriter:
         self.failed_writes = 0
         self.written = 0
         self.duplicates = 0
+        self.rejected = 0
         self._faulty = False
 
     def write(self, snapshot: Any, state: Mapping[str, Any] | None = None) -> bool:
@@ -428,18 +433,32 @@ class StoreWriter:
         return self.retry()
 
     def retry(self) -> bool:
+        """Write what is pending, oldest first. A snapshot the store rejects as data (not as a fault of the file)
+        is dropped with a logged reason, so it cannot block the ones after it. True when nothing is pending."""
         if not self.pending:
             return True
         try:
             store, run_id = self.target()
             while self.pending:
                 snapshot, state = self.pending[0]
-                if store.write_snapshot(run_id, snapshot, state):
+                try:
+                    stored = store.write_snapshot(run_id, snapshot, state)
+                except _DATA_ERRORS as error:
+                    self.pending.popleft()
+                    self.rejected += 1
+                    logger.warning(
+                        "store rejected the snapshot of step %s (%s: %s); it is dropped",
+                        getattr(snapshot, "step", "?"),
+                        type(error).__name__,
+                        error,
+                    )
+                    continue
+                self.pending.popleft()
+                if stored:
                     self.written += 1
                 else:
                     self.duplicates += 1
-                self.pending.popleft()
-        except (sqlite3.Error, OSError) as error:
+        except Exception as error:  # locked, disk full, unwritable folder, newer schema: never stop training
             self.failed_writes += 1
             if not self._faulty:
                 self._faulty = True
@@ -453,5 +472,5 @@ class StoreWriter:
             return False
         if self._faulty:
             self._faulty = False
-            logger.warning("store writes work again; the %s kept snapshot(s) are written", "pending")
+            logger.warning("store writes work again; the kept snapshots are written")
         return True
