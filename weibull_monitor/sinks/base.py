@@ -26,8 +26,12 @@ class Sink:
 
     @property
     def name(self) -> str:
-        """Short name used in the one-line fault reports of the guard."""
-        return type(self).__name__
+        """Short name used in the one-line fault reports of the guard (the class name unless set)."""
+        return self.__dict__.get("_sink_name") or type(self).__name__
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["_sink_name"] = str(value)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Scalar metrics of one snapshot (keys ``weibull/...``, finite floats; missing values are absent)."""
