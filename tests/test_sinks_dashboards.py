@@ -108,9 +108,12 @@ def _layouts(accumulator) -> list:
 
 
 def _wandb_file(root: Path) -> Path:
+    """The finished offline run file under ``root`` (waits for W&B's service to flush it)."""
+    from weibull_monitor.sinks.wandb_sink import wait_for_run_file
+
     files = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
-    return Path(files[0])
+    return wait_for_run_file(files[0])
 
 
 @pytest.fixture
@@ -260,6 +263,7 @@ def test_mlflow_sink_file_store(tmp_path, monkeypatch):
     uri = (tmp_path / "mlruns").as_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        mlflow.set_experiment("weibull-sink-tests")  # not one an earlier test left active in another store
         with mlflow.start_run() as run:
             sink = MLflowSink()  # the active run
             _feed(sink)

@@ -36,12 +36,15 @@ class LightningLoggerSink(Sink):
         rich: also send alerts, tables, heatmaps (W&B) and the custom-scalars layout (TensorBoard) where the
             logger supports them.
         heatmap_every: for a W&B logger, log the layer x step heatmap of k every this many snapshots.
+        alert_wait_s: for a W&B logger, seconds before the same alert is sent again.
     """
 
     # Lightning calls its loggers from the training thread and some (CSV) are not safe to share with another.
     run_in_thread = False
 
-    def __init__(self, logger: Any, *, rich: bool = True, heatmap_every: int = 5) -> None:
+    def __init__(
+        self, logger: Any, *, rich: bool = True, heatmap_every: int = 5, alert_wait_s: float = 300.0
+    ) -> None:
         if not callable(getattr(logger, "log_metrics", None)):
             raise TypeError(
                 f"LightningLoggerSink needs a logger with log_metrics(), got {type(logger).__name__}"
@@ -49,6 +52,7 @@ class LightningLoggerSink(Sink):
         self.logger = logger
         self.rich = rich
         self.heatmap_every = heatmap_every
+        self.alert_wait_s = alert_wait_s
         self._rich_sink: Sink | None = None
         self._rich_sink_made = False
         self._alert_counts: dict[str, int] = {}
@@ -65,7 +69,10 @@ class LightningLoggerSink(Sink):
                 from weibull_monitor.sinks.wandb_sink import WandbSink
 
                 self._rich_sink = WandbSink(
-                    self.logger.experiment, step_metric=LIGHTNING_WANDB_STEP, heatmap_every=self.heatmap_every
+                    self.logger.experiment,
+                    step_metric=LIGHTNING_WANDB_STEP,
+                    heatmap_every=self.heatmap_every,
+                    alert_wait_s=self.alert_wait_s,
                 )
             elif self.rich and _is_tensorboard_logger(self.logger):
                 from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink

@@ -326,6 +326,30 @@ def iter_run_records(path: str | Path) -> Iterator[Any]:
         yield record
 
 
+def run_file_complete(path: str | Path) -> bool:
+    """True once the run file holds its ``exit`` record (the run finished and everything before it is on disk)."""
+    try:
+        return any(record.WhichOneof("record_type") == "exit" for record in iter_run_records(path))
+    except (OSError, ValueError):
+        return False
+
+
+def wait_for_run_file(path: str | Path, timeout_s: float = 30.0, poll_s: float = 0.05) -> Path:
+    """Wait until an offline run file is complete and return its path.
+
+    ``wandb.finish()`` returns before W&B's service process has flushed the run file (measured here: 2 of 8
+    offline runs still held only the 7-byte header right after it), so readers wait for the ``exit`` record.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not run_file_complete(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout_s:.0f} s (run not finished?)")
+        time.sleep(poll_s)
+    return Path(path)
+
+
 def read_run_history(path: str | Path) -> list[dict[str, Any]]:
     """History rows of a W&B run file as plain dicts (nested keys joined by '/'; JSON values decoded)."""
     import json
