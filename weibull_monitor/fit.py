@@ -174,6 +174,7 @@ def readable_tensor(tensor: Any) -> tuple[torch.Tensor | None, str | None]:
 
 # Sums over the regression points, in this order. The y-powers and x*y-powers feed the cubic quantile model of the
 # standard errors (docs/estimator.md).
+_MODEL_POINTS = 1 << 16
 SUM_NAMES = ("w", "x", "xx", "y", "yy", "xy", "y3", "y4", "y5", "y6", "xy2", "xy3")
 _GL_F, _GL_W = _quadrature._nodes()
 _GL_Y = _quadrature.weibull_y(_GL_F)
@@ -182,7 +183,21 @@ _BAND = _quadrature.F_HI - _quadrature.F_LO
 
 
 def regression_sums(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted sums of SUM_NAMES over the last dimension (float64), shape [..., len(SUM_NAMES)]."""
+    """Weighted sums of SUM_NAMES over the last dimension (float64), shape [..., len(SUM_NAMES)].
+
+    Beyond 65536 points (the exact method on a large matrix), the higher moments that only feed the smooth
+    quantile model of the standard errors are taken on an evenly strided subsample and rescaled.
+    """
+    points = x.shape[-1]
+    if points > _MODEL_POINTS:
+        stride = -(-points // _MODEL_POINTS)
+        main = torch.stack(
+            [w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1), (w * y).sum(-1), (w * y * y).sum(-1)], dim=-1
+        )
+        sub = regression_sums(x[..., ::stride], y[..., ::stride], w[..., ::stride])
+        ratio = main[..., :1] / sub[..., :1]
+        xy = (w * x * y).sum(-1, keepdim=True)
+        return torch.cat([main, xy, sub[..., 6:] * ratio], dim=-1)
     y2 = y * y
     wy = w * y
     wx = w * x

@@ -27,6 +27,7 @@ import torch
 
 from weibull_monitor.fit import (
     QUANTILE_LEVELS,
+    SUM_NAMES,
     WeibullFit,
     failed_fit,
     fit_from_sums,
@@ -257,7 +258,27 @@ def _fit_counts(
     cum_f = cum.to(torch.float64)
     x = _lookup(cum_f, mags, pos, kind_idx, step_rows, device)
     x = torch.where(weight > 0, x, torch.zeros_like(x))
-    sums = regression_sums(x, y, weight)
+    # Grid sums stand for all n_mid middle ranks: scale them so that every row's sums count ranks.
+    per_point = torch.where(exact_rows, torch.ones_like(n_f), n_mid.to(torch.float64) / GRID_POINTS)
+    sums = regression_sums(x, y, weight) * per_point[:, None]
+
+    # Resolution: the codes at the first and last middle ranks.
+    ends = torch.stack([lo.to(torch.float64) - 0.5, hi.to(torch.float64) - 0.5], dim=1)
+    span_codes = torch.searchsorted(cum_f, ends.clamp(min=0.0).contiguous()).clamp(max=N_BINS - 1)
+    span = span_codes[:, 1] - span_codes[:, 0] + 1
+
+    # Exact kinds beyond the rank-by-rank size: the step function x(rank) is known exactly, so the sums that
+    # involve x are taken bin by bin, with sums of y over each bin's ranks in closed form (_rank_sums_of_y).
+    stepped = rounded & ~exact_rows
+    if device.type != "cpu" or bool(stepped.any()):
+        if device.type == "cpu":  # host syncs are free here: look only at the codes of the middle band
+            first, width = span_codes[:, 0], int(span.max())
+        else:
+            first, width = torch.zeros_like(span), N_BINS
+        step = _step_sums(cum, mags, lo, hi, n_f, kind_idx, first, width)
+        for name, column in zip(("w", "x", "xx", "y", "xy"), step.unbind(1)):
+            j = SUM_NAMES.index(name)
+            sums[:, j] = torch.where(stepped, column, sums[:, j])
 
     # Quantiles at Hazen positions p*n (rank h+1 with h = p n - 1/2, linear between neighbours).
     levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=device)
@@ -269,11 +290,6 @@ def _fit_counts(
     x_lo = _lookup(cum_f, mags, base + 0.5, kind_idx, rounded, device)
     x_hi = _lookup(cum_f, mags, torch.minimum(base + 1.5, top), kind_idx, rounded, device)
     quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
-
-    # Resolution: how many codes the middle band spans (interpolated histograms need enough of them).
-    ends = torch.stack([lo.to(torch.float64) - 0.5, hi.to(torch.float64) - 0.5], dim=1)
-    span_codes = torch.searchsorted(cum_f, ends.clamp(min=0.0).contiguous())
-    span = span_codes[:, 1] - span_codes[:, 0] + 1
 
     header = torch.stack(
         [
@@ -312,6 +328,69 @@ def _fit_counts(
             )
         )
     return fits
+
+
+_EULER_GAMMA = 0.5772156649015329
+
+
+def _e1(u: torch.Tensor) -> torch.Tensor:
+    """Exponential integral E1(u) for 0 < u <~ 3 (the middle band has 0.105 <= u <= 2.31), by its power series."""
+    total = torch.zeros_like(u)
+    term = torch.ones_like(u)
+    for k in range(1, 40):  # |terms| < 1e-19 by k = 30 at u = 2.31
+        term = term * (-u) / k
+        total = total + term / k
+    return -_EULER_GAMMA - torch.log(u) - total
+
+
+def _rank_sums_of_y(j: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Psi(j) with sum_{i=a+1}^{b} ln(-ln(1 - (i - 1/2)/n)) = Psi(b) - Psi(a), for ranks in the middle band.
+
+    Euler-Maclaurin for the midpoint sum of Y(F) = ln(-ln(1 - F)): n A(j/n) - Y1(j/n) / (24 n)
+    + 7 Y3(j/n) / (5760 n^3), with Y1, Y3 the first and third derivatives of Y and the antiderivative
+    A(F) = -(1 - F) ln u - E1(u), u = -ln(1 - F). The next term is O(Y5 / n^5): below 1e-12 for the n > ~5000
+    where it is used.
+    """
+    u = -torch.log1p(-(j / n))
+    eu = torch.exp(u)
+    antiderivative = -torch.log(u) / eu - _e1(u)
+    d1 = eu / u
+    d3 = eu**3 * (2.0 / u - 3.0 / u**2 + 2.0 / u**3)
+    return n * antiderivative - d1 / (24.0 * n) + 7.0 * d3 / (5760.0 * n**3)
+
+
+def _step_sums(
+    cum: torch.Tensor,
+    mags: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    n_f: torch.Tensor,
+    kind_idx: torch.Tensor,
+    first: torch.Tensor,
+    width: int,
+) -> torch.Tensor:
+    """Exact (w, x, xx, y, xy) sums over middle ranks lo..hi for histograms whose elements equal their codes.
+
+    Looks at ``width`` codes from ``first`` per row (the middle band on CPU, all codes elsewhere).
+    """
+    device = cum.device
+    offsets = torch.arange(width, device=device)
+    raw_idx = first[:, None] + offsets
+    inside = raw_idx < N_BINS
+    idx = raw_idx.clamp(max=N_BINS - 1)
+    upto = cum.gather(1, idx)
+    before = upto - mags.gather(1, idx)
+    low, high = (lo - 1)[:, None], hi[:, None]
+    b = torch.minimum(torch.maximum(upto, low), high)
+    a = torch.where(inside, torch.minimum(torch.maximum(before, low), high), b)  # clamped duplicates: nothing
+    m = (b - a).to(torch.float64)
+    x = _tables(device)[0][kind_idx[:, None].expand_as(idx), idx]
+    n = n_f.clamp(min=1.0)[:, None]
+    psi_a = _rank_sums_of_y(a.to(torch.float64).clamp(min=1.0), n)
+    psi_b = _rank_sums_of_y(b.to(torch.float64).clamp(min=1.0), n)
+    sum_xy = (x * torch.where(m > 0, psi_b - psi_a, torch.zeros_like(m))).sum(1)
+    ends = _rank_sums_of_y(torch.stack([lo - 1, hi], 1).to(torch.float64).clamp(min=1.0), n)
+    return torch.stack([m.sum(1), (m * x).sum(1), (m * x * x).sum(1), ends[:, 1] - ends[:, 0], sum_xy], dim=1)
 
 
 MIN_CODE_SPAN = 16
