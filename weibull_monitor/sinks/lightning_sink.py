@@ -39,7 +39,9 @@ class LightningLoggerSink(Sink):
         alert_wait_s: for a W&B logger, seconds before the same alert is sent again.
     """
 
-    # Lightning calls its loggers from the training thread and some (CSV) are not safe to share with another.
+    # Lightning calls its loggers from the training thread, and some (CSV's buffered rows) are not safe to share
+    # with another thread: those are called inline. W&B runs and TensorBoard writers are thread-safe, so their
+    # sinks run on the guard's worker thread and the table, heatmap and alert work stays off the training loop.
     run_in_thread = False
 
     def __init__(
@@ -56,6 +58,7 @@ class LightningLoggerSink(Sink):
         self._rich_sink: Sink | None = None
         self._rich_sink_made = False
         self._alert_counts: dict[str, int] = {}
+        self.run_in_thread = _is_wandb_logger(logger) or _is_tensorboard_logger(logger)
 
     @property
     def name(self) -> str:
