@@ -164,8 +164,6 @@ def readable_tensor(tensor: Any) -> tuple[torch.Tensor | None, str | None]:
         return None, f"complex dtype {t.dtype}: the fit is defined for real weights"
     if t.dtype in _INTEGER_DTYPES or not t.is_floating_point():
         return None, f"dtype {t.dtype} is not floating point: dequantize integer weights first"
-    if t.numel() == 0:
-        return None, "empty tensor"
     return t, None
 
 
@@ -325,6 +323,8 @@ def fit_from_sums(
 
 def too_few_reason(n: int, n_zero: int, n_nonfinite: int) -> str | None:
     """Why a matrix with these counts has no fit, or None when it has one."""
+    if n == 0 and n_zero == 0 and n_nonfinite == 0:
+        return "empty tensor (no elements)"
     if n == 0 and n_zero == 0 and n_nonfinite > 0:
         return f"all {n_nonfinite} elements are non-finite"
     if n == 0 and n_nonfinite == 0 and n_zero > 0:

@@ -137,6 +137,8 @@ def _raw_counts(t: torch.Tensor) -> torch.Tensor:
             acc += _bincount(chunk)
         return acc
     chunks = _chunks(t, CPU_CHUNK_ELEMENTS)
+    if not chunks:
+        return torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
     threads = min(torch.get_num_threads(), len(chunks))
     if threads <= 1:
         parts = [_bincount(c) for c in chunks]
@@ -459,6 +461,9 @@ class WeightHistogram:
         """Histogram of the union of both tensors' elements (shards of one matrix)."""
         if not isinstance(other, WeightHistogram):
             return NotImplemented
+        if self.reason or other.reason:  # an unreadable part makes the whole unreadable, whatever the kinds
+            reason = self.reason or other.reason
+            return WeightHistogram(self.counts + other.counts.to(self.counts.device), self.kind, reason)
         if other.kind != self.kind:
             raise ValueError(
                 f"cannot merge a {self.kind} histogram with a {other.kind} one (different dtypes)"
