@@ -252,9 +252,12 @@ class WeibullMonitor:
         snapshot.alerts = self.engine(snapshot)
         critical = any(alert.level == "critical" for alert in snapshot.alerts)
         if self.stop_on_critical:
-            from weibull_monitor import distributed
-
-            if distributed.agree(critical):
+            try:
+                from weibull_monitor import distributed
+            except ImportError:  # an install without the distributed module: a single process decides alone
+                distributed = None
+            # every rank calls agree() at every snapshot (not only when critical), or the collective would hang
+            if distributed.agree(critical) if distributed is not None else critical:
                 self.stop_requested = True
         self._last_snapshot_step = step
         self.last_snapshot = snapshot
