@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - listed in the test extra
 
 
 def scan_json(capsys, *args: str) -> list[dict]:
+    capsys.readouterr()  # drop what the test's own setup printed (some libraries log to stdout)
     assert main(["scan", *args, "--json", "--no-progress"]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -500,3 +501,39 @@ def test_scan_store_holds_one_snapshot_per_step(trainer_series, tmp_path, capsys
         assert len(store.runs()) == 1 and len(store.snapshots()) == 4
     finally:
         store.close()
+
+
+def test_block_histogram_fit_equals_the_whole_fit(tmp_path, monkeypatch):
+    from weibull_monitor import scan
+    from weibull_monitor.fit import fit_weibull
+
+    weights = {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(300, 70) * 0.02,
+        "model.layers.0.mlp.down_proj.weight": (torch.randn(70, 300) * 0.02).to(torch.bfloat16),
+        "model.layers.0.self_attn.qkv_proj.weight": torch.randn(3 * 64, 64)
+        * 0.02,  # Phi-3 layout: row blocks
+    }
+    save_state(tmp_path / "m.safetensors", weights)
+    config = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(scan, "CHUNK_ELEMENTS", 1000)  # every matrix goes through the block path
+    (result,) = scan.scan_path(tmp_path, progress=False)
+    for name, weight in weights.items():
+        assert result.fits[name] == fit_weibull(weight)
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    for i, part in enumerate("qkv"):
+        assert result.fits[f"{qkv}[{part}]"] == fit_weibull(weights[qkv][64 * i : 64 * (i + 1)])
+
+
+def test_release_only_touches_file_maps(tmp_path):
+    from weibull_monitor.loaders import release
+
+    anonymous = torch.randn(2048, 64)
+    copy = anonymous.clone()
+    assert release(anonymous) is False
+    assert torch.equal(anonymous, copy)
+    save_state(tmp_path / "m.safetensors", {"a.weight": copy})
+    (checkpoint,) = open_checkpoints(tmp_path / "m.safetensors")
+    for _, tensor in checkpoint.tensors():
+        assert release(tensor) is True  # a view of the file map: pages go, values stay
+        assert torch.equal(tensor, copy)

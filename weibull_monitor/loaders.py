@@ -13,6 +13,7 @@ needs pickle is refused), and GGUF (optional ``gguf`` package; quantised tensors
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -99,6 +100,39 @@ def _drop_pages(address: int, nbytes: int) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
     except (OSError, AttributeError):  # pragma: no cover - a libc without madvise: memory just stays cached
         pass
+
+
+# Address ranges [start, end) of the live file maps this module made: only pages inside them are ever released.
+_FILE_MAPS: dict[int, tuple[int, int]] = {}
+_next_token = 0
+
+
+def _register_map(start: int, nbytes: int) -> int:
+    global _next_token
+    _next_token += 1
+    _FILE_MAPS[_next_token] = (start, start + nbytes)
+    return _next_token
+
+
+def _unregister_map(token: int) -> None:
+    _FILE_MAPS.pop(token, None)
+
+
+def release(tensor: torch.Tensor) -> bool:
+    """Give the resident pages under ``tensor`` back to the kernel if they belong to a checkpoint file map.
+
+    For a tensor this module handed out from a memory map: the values stay readable (they come back from the file
+    when touched again), only the resident memory goes. Any other tensor (anonymous memory, a GPU tensor, a
+    non-contiguous view) is left alone. Returns True when pages were released.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in _FILE_MAPS.values()):
+        return False
+    _drop_pages(start, end - start)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,8 +248,9 @@ class _SafetensorsSource(_Source):
         with open(self.path, "rb") as handle:
             # ACCESS_COPY (a private map): a stray in-place op on a view can never write the file or fault.
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        token = _register_map(base, len(mapped))
         try:
-            base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
             for info, begin, end in sorted(wanted, key=lambda e: e[1]):
                 if info.skip_reason is not None:
                     yield info, None
@@ -235,12 +270,10 @@ class _SafetensorsSource(_Source):
                 del tensor
                 _drop_pages(base + begin, end - begin)
         finally:
+            _unregister_map(token)
             # Views handed out keep the buffer exported; the map is closed once they are gone.
-            try:
-                del base
+            with contextlib.suppress(BufferError):
                 mapped.close()
-            except BufferError:
-                pass
 
 
 def _flatten_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
@@ -336,11 +369,16 @@ class _TorchSource(_Source):
                 yield info, None
                 continue
             tensor = self._tensors[info.name]
-            yield info, tensor
-            if self.mapped and tensor.numel() and tensor.device.type == "cpu":
-                # Only storages that torch.load mapped from the file (private, unmodified) are dropped.
-                storage = tensor.untyped_storage()
-                _drop_pages(storage.data_ptr(), storage.nbytes())
+            storage = tensor.untyped_storage()
+            # Only storages that torch.load mapped from the file (private, unmodified) may be released.
+            file_backed = self.mapped and tensor.device.type == "cpu" and storage.nbytes() > 0
+            token = _register_map(storage.data_ptr(), storage.nbytes()) if file_backed else None
+            try:
+                yield info, tensor
+            finally:
+                if token is not None:
+                    _unregister_map(token)
+                    _drop_pages(storage.data_ptr(), storage.nbytes())
 
 
 # GGUF tensor names -> Hugging Face (LLaMA-style) names, so the role map sees names it knows.

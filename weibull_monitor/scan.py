@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from weibull_monitor import expectations
-from weibull_monitor.loaders import Checkpoint, TensorInfo, open_checkpoints
+from weibull_monitor.loaders import Checkpoint, TensorInfo, open_checkpoints, release
 
 __all__ = [
     "JSON_FIELDS",
@@ -119,6 +119,41 @@ def _skip_row(
     return row
 
 
+#: Matrices above this many elements are histogrammed in row blocks whose mapped pages are released one block at
+#: a time, so a scan holds one block of a large matrix in memory, not the matrix (64 MB of fp32 per block).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def fit_matrix(tensor: Any, method: str) -> Any:
+    """``fit_weibull(tensor, method=method)``, reading a large memory-mapped matrix block by block.
+
+    Histogram counts of row blocks add up to the histogram of the whole matrix, so the result is the same fit; the
+    pages of each block go back to the kernel once it is counted (for tensors a loader mapped from a file).
+    """
+    from weibull_monitor.fit import fit_weibull, readable_tensor
+
+    numel = tensor.numel()
+    if method != "histogram" or numel <= CHUNK_ELEMENTS or tensor.dim() < 2 or not tensor.is_contiguous():
+        return fit_weibull(tensor, method=method)
+    readable, _ = readable_tensor(tensor)
+    if readable is None:
+        return fit_weibull(tensor, method=method)  # the fit engine words the reason
+    from weibull_monitor.histogram import WeightHistogram
+
+    try:
+        rows = tensor.shape[0]
+        block = max(1, CHUNK_ELEMENTS // max(1, numel // rows))
+        total = None
+        for start in range(0, rows, block):
+            part = tensor[start : start + block]
+            counts = WeightHistogram.from_tensor(part)
+            total = counts if total is None else total.merge(counts)
+            release(part)
+        return total.fit()
+    except Exception:  # any surprise in the block path: the plain fit decides (and never raises)
+        return fit_weibull(tensor, method=method)
+
+
 def matrix_roles(checkpoint: Checkpoint, infos: Sequence[TensorInfo] | None = None) -> dict[str, Any]:
     """Roles of the tensors of ``checkpoint`` that are weight matrices (keyed by the name in the file).
 
@@ -151,7 +186,6 @@ def scan_checkpoint(
     are counted in ``not_matrices``; matrices that cannot be read (meta, offloaded, non-float) become rows with
     ``ok=False`` and a reason, and are listed in ``skipped``.
     """
-    from weibull_monitor.fit import fit_weibull
     from weibull_monitor.roles import attention_kind, split_fused, split_key, view_role
 
     config = checkpoint.config
@@ -181,7 +215,7 @@ def scan_checkpoint(
                 on_tensor(info.name)
             continue
         if not getattr(role, "stacked", False):
-            fit = fit_weibull(tensor, method=method)
+            fit = fit_matrix(tensor, method)
             result.fits[info.name] = fit
             result.roles[info.name] = role
             result.rows.append(_row(info.name, info, role, fit, checkpoint.step, path))
@@ -197,7 +231,7 @@ def scan_checkpoint(
             for component, view in parts.items():
                 key = split_key(info.name, component)
                 part_role = view_role(info.name, role, component)
-                fit = fit_weibull(view, method=method)
+                fit = fit_matrix(view, method)
                 result.fits[key] = fit
                 result.roles[key] = part_role
                 part_info = TensorInfo(key, tuple(view.shape), info.dtype, key)
