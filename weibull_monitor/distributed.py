@@ -8,11 +8,14 @@ Histogram counts add across pieces of a matrix (``science.md`` §6), so no weigh
 - split views of a sharded fused parameter (QKV) are histogrammed from the slices of the local shard that fall in
   the component (see :func:`split_views`), never by slicing the sharded parameter (which would gather it);
 
-and one all-reduce SUM of a single ``[M, N_COLUMNS]`` int64 tensor, where each rank filled only what it holds,
-completes every matrix at once. The fits are then computed from identical counts on every rank, so they are
-identical everywhere. Collectives per snapshot: one small header (entry-list check and agreed skips) and the counts.
+and one reduce-scatter SUM of a single ``[M, span]`` int64 tensor, where each rank filled only what it holds,
+completes every matrix at once: rank r receives the complete counts of one block of M/world matrices and fits
+them; one object all-gather shares the fits, so every matrix is fitted once and every rank holds the same fits.
+Collectives per snapshot: three tiny all-reduces (entry-list check with agreed skips, used code span), the
+reduce-scatter of the counts and the all-gather of the fits.
 
-Extra memory per rank: the ``[M, N_COLUMNS]`` counts (8 bytes x 32771 per matrix) plus the histogram engine's chunk.
+Extra memory per rank: the ``[M, N_COLUMNS]`` counts (8 bytes x 32770 per matrix, plus a copy cut to the used
+code span for the collective) and the histogram engine's chunk-sized temporaries; never a matrix.
 """
 
 from __future__ import annotations
@@ -166,14 +169,15 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     """Fit every entry's matrix across all ranks; collective, the result is identical on every rank.
 
     ``entries`` are ``snapshot.MatrixEntry`` (``key``, ``tensor``) and must be the same list, in the same order, on
-    every rank. ``method="exact"`` fits replicated matrices by a full sort on their owner rank (results shared with
-    one object all-gather); sharded matrices are always fitted from their all-reduced histograms (no rank holds
-    them whole), and their fits say ``method="histogram"``. Matrices that cannot be read without gathering get a
-    not-ok fit with the reason, on every rank.
+    every rank. Each matrix is counted where its elements lie, the counts are summed with one reduce-scatter (so
+    rank r receives the complete counts of one block of matrices), each rank fits its block, and one object
+    all-gather shares the fits: every matrix is fitted once, and every rank returns the same fits.
+
+    ``method="exact"`` fits replicated matrices by a full sort on their owner rank; sharded matrices are always
+    fitted from their summed histograms (no rank holds them whole) and say ``method="histogram"``. Matrices that
+    cannot be read without gathering get a not-ok fit with the reason, on every rank.
     """
     import torch.distributed as dist
-
-    from weibull_monitor import histogram
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors = [_entry_tensor(e) for e in entries]
@@ -201,32 +205,75 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
 
     device = _collective_device()
     signature = _signature(entries)
-    header = torch.tensor([n, -n, signature, -signature, *skip_codes], dtype=torch.int64, device=device)
-    # The header's length depends on n; first agree on n alone so that mismatched lists fail cleanly, not hang.
-    size_check = header[:2].clone()
+    # The header's length depends on n: agree on n alone first, so that mismatched lists fail cleanly, not hang.
+    size_check = torch.tensor([n, -n], dtype=torch.int64, device=device)
     dist.all_reduce(size_check, op=dist.ReduceOp.MAX)
     if int(size_check[0]) != n or int(-size_check[1]) != n:
         return _mismatch(entries, "ranks hold different numbers of matrices")
+    header = torch.tensor([signature, -signature, *skip_codes], dtype=torch.int64, device=device)
     dist.all_reduce(header, op=dist.ReduceOp.MAX)
-    if int(header[2]) != signature or int(-header[3]) != signature:
+    if int(header[0]) != signature or int(-header[1]) != signature:
         return _mismatch(entries, "ranks hold different matrices (names or shapes differ)")
-    agreed_skips = header[4:].tolist()
+    skips = header[2:].tolist()
 
-    exact_local = method == "exact"
-    counts = torch.zeros((n, histogram.N_COLUMNS), dtype=torch.int64, device=device)
+    exact = method == "exact"
+    histogrammed = [not skips[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
+    counts = _local_counts(pieces, histogrammed, device, world)
+    block, first_row = _reduce_scatter_counts(counts, rank, world)
+    del counts
+
+    mine: dict[int, Any] = {}
+    rows = [i for i in range(first_row, min(n, first_row + block.shape[0])) if histogrammed[i]]
+    if rows:
+        from weibull_monitor import histogram
+
+        local_rows = torch.tensor([i - first_row for i in rows], device=block.device)
+        batch = histogram.HistogramBatch(
+            block.index_select(0, local_rows), [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
+        )
+        mine.update(zip(rows, batch.fit_all()))
+    if exact:
+        from weibull_monitor.fit import fit_weibull
+
+        for i in range(n):
+            if kinds[i] == "replicated" and owners[i] == rank and not skips[i]:
+                mine[i] = fit_weibull(tensors[i].detach(), method="exact")
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    merged: dict[int, Any] = {}
+    for part in gathered:
+        merged.update(part or {})
+    fits: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        if skips[i]:
+            fits[entry.key] = _skipped_fit(_shards.SKIP_REASONS.get(skips[i], "skipped"))
+        else:
+            fits[entry.key] = merged[i]
+    return fits
+
+
+def _local_counts(
+    pieces: Sequence[Sequence[torch.Tensor]], wanted: Sequence[bool], device: torch.device, world: int
+) -> torch.Tensor:
+    """This rank's counts, int64 [n padded to a multiple of world, N_COLUMNS]; rows it holds nothing of stay 0."""
+    from weibull_monitor import histogram
+
+    n = len(pieces)
+    padded = max(world, -(-n // world) * world)
+    counts = torch.zeros((padded, histogram.N_COLUMNS), dtype=torch.int64, device=device)
     batch: list[torch.Tensor] = []
     rows: list[int] = []
 
     def flush() -> None:
-        if not batch:
-            return
-        part = histogram.histogram_batch(batch).counts.to(device)
-        counts.index_add_(0, torch.tensor(rows, device=device), part)
-        batch.clear()
-        rows.clear()
+        if batch:
+            part = histogram.histogram_batch(batch).counts.to(device)
+            counts.index_add_(0, torch.tensor(rows, device=device), part)
+            batch.clear()
+            rows.clear()
 
     for i in range(n):
-        if agreed_skips[i] or (exact_local and kinds[i] == "replicated"):
+        if not wanted[i]:
             continue
         for piece in pieces[i]:
             batch.append(piece)
@@ -234,40 +281,39 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
             if len(batch) >= _PIECES_PER_CALL:
                 flush()
     flush()
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    kinds_of_rows = [histogram.histogram_kind(_dtype(t)) for t in tensors]
-    fits_list = histogram.HistogramBatch(counts, kinds_of_rows).fit_all()
-
-    fits: dict[str, Any] = {}
-    for i, entry in enumerate(entries):
-        if agreed_skips[i]:
-            fits[entry.key] = _skipped_fit(_shards.SKIP_REASONS.get(agreed_skips[i], "skipped"))
-        else:
-            fits[entry.key] = fits_list[i]
-    if exact_local:
-        fits.update(_exact_replicated(entries, kinds, owners, agreed_skips, rank))
-    return fits
+    return counts
 
 
-def _exact_replicated(
-    entries: Sequence[Any], kinds: Sequence[str], owners: Sequence[int], skips: Sequence[int], rank: int
-) -> dict[str, Any]:
-    """Exact (full-sort) fits of replicated matrices, each on its owner, shared with one object all-gather."""
+def _reduce_scatter_counts(counts: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """Sum the counts over ranks; rank r gets rows [r*B, (r+1)*B) complete. Returns (block, first row).
+
+    Only the magnitude codes some rank actually saw travel: weights occupy a few thousand of the 32768 codes,
+    so the columns are cut to the span agreed with one tiny all-reduce (MAX of -first, last) first.
+    """
     import torch.distributed as dist
 
-    from weibull_monitor.fit import fit_weibull
+    from weibull_monitor import histogram
 
-    mine = {
-        entries[i].key: fit_weibull(_entry_tensor(entries[i]).detach(), method="exact")
-        for i in range(len(entries))
-        if kinds[i] == "replicated" and owners[i] == rank and not skips[i]
-    }
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    merged: dict[str, Any] = {}
-    for part in gathered:
-        merged.update(part or {})
-    return merged
+    n_bins = histogram.N_BINS
+    used = torch.nonzero(counts[:, :n_bins].sum(0)).reshape(-1)
+    first, last = (int(used[0]), int(used[-1])) if used.numel() else (n_bins, -1)
+    span = torch.tensor([-first, last], dtype=torch.int64, device=counts.device)
+    dist.all_reduce(span, op=dist.ReduceOp.MAX)
+    first, last = -int(span[0]), int(span[1])
+    width = max(0, last - first + 1)
+    packed = torch.cat([counts[:, first : first + width], counts[:, n_bins:]], dim=1).contiguous()
+    rows_per_rank = counts.shape[0] // world
+    part = torch.empty((rows_per_rank, packed.shape[1]), dtype=packed.dtype, device=packed.device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    try:
+        scatter(part, packed, op=dist.ReduceOp.SUM)
+    except (RuntimeError, NotImplementedError):  # a backend without reduce-scatter: sum everything instead
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        part = packed[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+    block = torch.zeros((rows_per_rank, histogram.N_COLUMNS), dtype=torch.int64, device=counts.device)
+    block[:, first : first + width] = part[:, :width]
+    block[:, n_bins:] = part[:, width:]
+    return block, rank * rows_per_rank
 
 
 def _mismatch(entries: Sequence[Any], why: str) -> dict[str, Any]:
