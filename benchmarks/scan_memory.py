@@ -6,7 +6,7 @@ beside the RSS of a process that only imports what the scan imports. The file is
 
 Target (issue 7): peak RSS <= largest tensor + 300 MB.
 
-    python benchmarks/scan_memory.py [--gb 2.0] [--method histogram] [--dir /tmp]
+    python benchmarks/scan_memory.py [--gb 2.0] [--method histogram] [--dir /tmp] [--compare-safe-open]
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ def main() -> None:
     )
     parser.add_argument("--method", default="histogram", choices=("histogram", "exact"))
     parser.add_argument(
+        "--compare-safe-open",
+        action="store_true",
+        help="also measure a safetensors.safe_open get_tensor loop",
+    )
+    parser.add_argument(
         "--dir", default=None, help="where to write the temporary file (default: the system temp dir)"
     )
     args = parser.parse_args()
@@ -145,6 +150,19 @@ def main() -> None:
         )
         print(f"scan peak / file size      {scan_mb / (file_size / MB):9.2f}")
         print("PASS" if scan_mb <= largest_mb + 300 else "FAIL", "(peak RSS <= largest tensor + 300 MB)")
+        if args.compare_safe_open:
+            # The same fits through safetensors.safe_open(...).get_tensor (one tensor at a time): the reason the
+            # loader maps the file itself.
+            loop = (
+                "import sys; from safetensors import safe_open; from weibull_monitor.fit import fit_weibull\n"
+                "with safe_open(sys.argv[1], 'pt') as f:\n"
+                "    for name in f.keys():\n"
+                "        t = f.get_tensor(name)\n"
+                "        fit_weibull(t, method=sys.argv[2]) if t.dim() == 2 else None\n"
+                "        del t\n"
+            )
+            other_mb, other_wall, status = peak_rss_of([sys.executable, "-c", loop, str(path), args.method])
+            print(f"peak RSS, safe_open loop   {other_mb:9.0f} MB   ({other_wall:.1f} s, status {status})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
