@@ -1,0 +1,149 @@
+"""The scaling study: the quick run end to end (real training, real store, real figures), and its statistics."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from weibull_monitor import study
+from weibull_monitor.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``examples/scaling_study.py --quick`` as a user runs it; its stdout and output directory."""
+    out = tmp_path_factory.mktemp("study")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "scaling_study.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout, out
+
+
+@pytest.mark.slow
+def test_quick_study_recovers_the_sqrt_lr_over_wd_law(quick_run):
+    stdout, out = quick_run
+    result = study.analyse_store(out / "study.sqlite")
+    assert len(result.runs) == len(study.quick_config().settings) == 4
+    assert result.sqrt_span >= 4 - 1e-6
+    assert result.pearson_r >= 0.9
+    assert result.slope > 0
+    # the printed figures are the store's figures
+    assert f"Pearson r = {result.pearson_r:.4f}" in stdout
+    assert f"slope = {result.slope:.4f}" in stdout
+
+
+@pytest.mark.slow
+def test_quick_study_scale_rises_with_t_over_tau_in_every_run(quick_run):
+    _, out = quick_run
+    result = study.analyse_store(out / "study.sqlite")
+    for run in result.runs:
+        assert run.steps[0] == 0 and run.t_over_tau[0] == 0.0 and run.growth[0] == pytest.approx(1.0)
+        assert run.t_over_tau[-1] >= 3.0
+        assert len(run.steps) >= 31  # the initial snapshot and at least 30 during training
+        assert run.t_over_tau == sorted(run.t_over_tau)
+        # start against end (the final λ is well above the first) and the rank correlation over the whole run
+        assert run.terminal_growth > 1.5, run.name
+        assert run.growth_spearman > 0, run.name
+    # the same seed: every run starts from the same weights
+    assert len({round(r.scale[0], 12) for r in result.runs}) == 1
+
+
+@pytest.mark.slow
+def test_quick_study_writes_one_run_per_setting_and_the_figures(quick_run):
+    stdout, out = quick_run
+    with RunStore(out / "study.sqlite") as store:
+        names = sorted(r["name"] for r in store.runs())
+    assert names == sorted(s.name for s in study.quick_config().settings)
+    for name in study.FIGURE_NAMES:
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figure: {path}" in stdout
+    for run in study.analyse_store(out / "study.sqlite").runs:
+        for klass in ("selection", "value", "transmission"):
+            assert sum(math.isfinite(v) for v in run.k[klass]) == len(run.steps)
+
+
+@pytest.mark.slow
+def test_analyse_only_reads_the_same_store_again(quick_run, capsys):
+    stdout, out = quick_run
+    assert study.main(["--analyse-only", "--no-figures", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    line = next(x for x in stdout.splitlines() if "Pearson r" in x)
+    assert line in again
+
+
+@pytest.mark.slow
+def test_neox_fused_qkv_is_followed_through_the_study(tmp_path):
+    config = study.StudyConfig(
+        settings=(study.Setting(5e-2, 2.0), study.Setting(0.2, 0.5)),  # τ = 10 steps
+        arch="neox",
+        model={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4},
+        batch_size=2,
+        seq_len=16,
+        t_over_tau=1.0,
+        snapshots=3,
+    )
+    result = study.run_study(config, tmp_path, figures=True, log=lambda _: None)
+    assert [r.name for r in result.runs] == [s.name for s in config.settings]
+    for run in result.runs:
+        assert run.attention_kind == "fused"
+        fused = run.k["qkv (fused)"]
+        assert len(fused) == len(run.steps) >= 4 and all(math.isfinite(v) for v in fused)
+    assert "qkv k" in study.format_summary(result)
+    with pytest.raises(FileExistsError):
+        study.run_study(config, tmp_path, figures=False, log=lambda _: None)
+
+
+def test_pearson_and_spearman_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    y = 0.5 * x + rng.normal(size=50)
+    assert study.pearson(list(x), list(y)) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    # a monotone but nonlinear relation has rank correlation 1; ties share their mean rank
+    assert study.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 2, 3], [3, 2, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(study.pearson([1.0, 1.0], [2.0, 3.0]))
+    slope, intercept = study.linear_fit([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    assert (slope, intercept) == pytest.approx((2.0, 1.0))
+
+
+def test_settings_and_schedule():
+    setting = study.Setting.from_ratio(0.08, 100)
+    assert setting.sqrt_lr_over_wd == pytest.approx(0.08)
+    assert setting.tau == pytest.approx(100)
+    assert study.Setting.parse("4e-3:2.5") == study.Setting(4e-3, 2.5)
+    for bad in ("4e-3", "a:b", "0:1", "1e-3:-1", "nan:1"):
+        with pytest.raises(ValueError):
+            study.Setting.parse(bad)
+    config = study.default_config()
+    spans = [s.sqrt_lr_over_wd for s in config.settings]
+    assert max(spans) / min(spans) >= 4 - 1e-6
+    for s in config.settings:
+        steps = config.steps(s)
+        budget = sum(config.lr_at(s, u) * s.weight_decay for u in range(1, steps + 1))
+        assert budget >= config.t_over_tau - 1e-9 > budget - config.lr_at(s, steps) * s.weight_decay
+        assert steps // config.every(s) >= 30
+    with pytest.raises(ValueError):
+        study.StudyConfig(settings=(setting,))
+    with pytest.raises(ValueError):
+        study.StudyConfig(settings=(setting, setting), arch="gpt2")
+
+
+def test_analyse_store_needs_two_usable_runs(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        study.analyse_store(tmp_path / "missing.sqlite")
+    RunStore(tmp_path / "empty.sqlite").close()
+    with pytest.raises(ValueError, match="at least two"):
+        study.analyse_store(tmp_path / "empty.sqlite")
