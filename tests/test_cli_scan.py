@@ -537,3 +537,13 @@ def test_release_only_touches_file_maps(tmp_path):
     for _, tensor in checkpoint.tensors():
         assert release(tensor) is True  # a view of the file map: pages go, values stay
         assert torch.equal(tensor, copy)
+
+
+def test_progress_bar_counts_every_matrix_of_a_series(trainer_series, capsys):
+    from weibull_monitor.scan import scan_path
+
+    results = scan_path(trainer_series, progress=True)
+    err = capsys.readouterr().err
+    total = sum(len(r.rows) for r in results)
+    assert total == 4 * 16
+    assert f"{total}/{total}" in err and f"{total + 1}" not in err.replace(f"{total}/{total}", "")

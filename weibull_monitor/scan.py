@@ -278,15 +278,8 @@ def scan_path(
 
     ``progress``: draw a bar on stderr (None: only when stderr is a terminal).
     """
-    from weibull_monitor.roles import classify
-
     checkpoints = open_checkpoints(path, follow_symlinks=follow_symlinks)
-    total = sum(
-        1
-        for c in checkpoints
-        for i in c.infos()
-        if classify(i.role_name, i.shape or None, c.config) is not None
-    )
+    total = sum(len(matrix_roles(c)) for c in checkpoints)
     bar = _Progress(total, enabled=progress)
     try:
         return [scan_checkpoint(c, method=method, on_tensor=bar.advance) for c in checkpoints]
