@@ -57,7 +57,7 @@ def main() -> None:
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     scheduler = cosine_schedule(optimizer, warmup=args.steps // 10, total=args.steps)
-    batches = byte_batches(batch_size=4, seq_len=64, seed=0)
+    batches = byte_batches(batch_size=4, seq_len=32, seed=0)
 
     started = time.perf_counter()
     with WeibullMonitor(
