@@ -69,6 +69,7 @@ def minilm_rows():
     return out
 
 
+@pytest.mark.slow
 def test_minilm_components_and_k_match_exact(minilm_rows):
     rows = {r["name"]: r for r in minilm_rows["histogram"]}
     exact = {r["name"]: r for r in minilm_rows["exact"]}
@@ -151,6 +152,7 @@ def trainer_series(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_trainer_series_one_step_per_checkpoint_in_order(trainer_series, capsys):
     names = sorted(p.name for p in trainer_series.iterdir() if p.name.startswith("checkpoint-"))
     assert names == [
