@@ -209,3 +209,24 @@ def test_builtin_rule_fires_into_store_log_and_callback(case, tmp_path, caplog):
     assert first.matrices and all(isinstance(v, float) for v in first.values.values())
     if case == "shape":  # quantile-ratio figures replace k when the shape is not Weibull
         assert first.values["r2"] < 0.95 and first.values["q90_over_q10"] > 1
+
+
+def test_rule_class_filter_and_custom_rule_on_real_snapshot(tmp_path):
+    model = tiny_llama(0)
+    _mixture(model)  # a transmission matrix leaves the Weibull family
+
+    class FewMatrices(Rule):  # a user rule reading the snapshot's aggregates
+        name, level = "few_matrices", "info"
+
+        def evaluate(self, snapshot):
+            k = snapshot.aggregates["weibull/transmission/k_median"]
+            return [Breach("transmission", (), {"k_median": k}, f"transmission median {k:.3f}")]
+
+    rules = [
+        NonWeibullShape(classes=("selection",), name="selection_shape"),
+        NonWeibullShape(),
+        FewMatrices(),
+    ]
+    with WeibullMonitor(model, store=None, rules=rules) as monitor:
+        alerts = monitor.snapshot(0).alerts
+    assert sorted(a.rule for a in alerts) == ["few_matrices", "non_weibull_shape"]

@@ -416,14 +416,20 @@ class NonWeibullShape(Rule):
     level = "warning"
     cooldown = 1000
 
-    def __init__(self, r2_min: float = expectations.R2_WEIBULL_MIN, **kw: Any) -> None:
+    def __init__(
+        self, r2_min: float = expectations.R2_WEIBULL_MIN, classes: Sequence[str] | None = None, **kw: Any
+    ) -> None:
         super().__init__(**kw)
         self.r2_min = float(r2_min)
+        self.classes = None if classes is None else tuple(classes)  # None: every class, embeddings included
 
     def evaluate(self, snapshot: Any) -> list[Breach]:
         breaches = []
         for key, fit in snapshot.fits.items():
             if not fit.ok or not _finite(fit.r2) or fit.r2 >= self.r2_min:
+                continue
+            role = snapshot.roles.get(key)
+            if self.classes is not None and (role is None or role.klass not in self.classes):
                 continue
             ratios = {
                 name: float(getattr(fit, name, math.nan))
