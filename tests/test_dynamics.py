@@ -40,8 +40,12 @@ def test_metric_keys_are_stable_and_disambiguated():
     roles = {
         "gpt_neox.layers.3.attention.query_key_value.weight": qkv,
         "gpt_neox.layers.3.attention.query_key_value.weight[q]": view_role("p", qkv, "q"),
-        "m.layers.3.mlp.experts.2.up_proj.weight": Role(layer=3, component="ffn_up", klass="transmission", expert=2),
-        "enc.block.1.layer.0.SelfAttention.q.weight": Role(layer=1, component="q", klass="selection", stack="encoder"),
+        "m.layers.3.mlp.experts.2.up_proj.weight": Role(
+            layer=3, component="ffn_up", klass="transmission", expert=2
+        ),
+        "enc.block.1.layer.0.SelfAttention.q.weight": Role(
+            layer=1, component="q", klass="selection", stack="encoder"
+        ),
         "embed.weight": Role(layer=None, component="embed", klass="other"),
         "a.layers.0.foo.weight": Role(layer=0, component="other", klass="other"),
         "a.layers.0.bar.weight": Role(layer=0, component="other", klass="other"),
@@ -126,11 +130,15 @@ def test_fused_parent_stays_out_of_class_aggregates():
     fits, roles = _fits_and_roles()
     fits["fused"] = fits["L0.q"]
     roles["fused"] = Role(0, "qkv", "selection", parts=("q", "k", "v"))
-    kw = dict(k_anchor=K_GAUSSIAN, scale_first={}, group_of={}, current_rates=[], budget=dynamics.TimescaleBudget())
+    kw = dict(
+        k_anchor=K_GAUSSIAN, scale_first={}, group_of={}, current_rates=[], budget=dynamics.TimescaleBudget()
+    )
     stats = dynamics.matrix_stats(fits, roles, aggregate_excluded={"fused"}, **kw)
     agg = dynamics.aggregates(fits, roles, stats, k_anchor=K_GAUSSIAN)
     assert not stats["fused"].in_aggregates
-    assert agg["weibull/selection/k_median"] == pytest.approx(statistics.median([fits["L0.q"].k, fits["L0.k"].k]))
+    assert agg["weibull/selection/k_median"] == pytest.approx(
+        statistics.median([fits["L0.q"].k, fits["L0.k"].k])
+    )
     assert "weibull/k/L0/qkv" in agg and "weibull/T_over_tau" not in agg
 
 

@@ -71,10 +71,10 @@ def test_write_read_and_no_duplicate_step(tmp_path):
 def test_names_with_quotes_are_stored_verbatim(tmp_path):
     name = "layers.0.\"q'); DROP TABLE fits; --.weight"
     with RunStore(tmp_path / "w.sqlite") as store:
-        run = store.open_run("it's a \"run\"", {})
+        run = store.open_run('it\'s a "run"', {})
         store.write_snapshot(run, make_snapshot(0, name=name))
         assert {r["name"] for r in store.fits()} == {name, "tiny"}
-        assert store.runs()[0]["name"] == "it's a \"run\""
+        assert store.runs()[0]["name"] == 'it\'s a "run"'
 
 
 def test_failed_write_leaves_no_partial_snapshot(tmp_path):
