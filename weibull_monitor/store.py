@@ -150,7 +150,7 @@ class RunStore:
     (the monitor then keeps the snapshot in memory and retries at the next one).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 2.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 1.0) -> None:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
