@@ -231,3 +231,33 @@ def test_page_loads_in_headless_chromium_without_console_errors(training_report,
     next(iter((tmp_path / "r").glob("*_scale.png"))).unlink()
     dom, console = _load_in_chromium(page, tmp_path / "profile2")
     assert any("figure failed to load" in line and "scale.png" in line for line in console), console
+
+
+def test_report_of_a_scanned_series_says_what_a_checkpoint_cannot_tell(tmp_path):
+    """A series scanned from disk has no optimizer: the λ-vs-√(η/λ_wd) and T/τ panels say so, the rest is drawn."""
+    from weibull_monitor.report import write_report
+    from weibull_monitor.toy import byte_batches, tiny_llama
+
+    model = tiny_llama(hidden_size=32, intermediate_size=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    batches = byte_batches(4, 32)
+    for step in range(1, 13):
+        batch = next(batches)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 4 == 0:
+            model.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    store = tmp_path / "scan.sqlite"
+    assert main(["scan", str(tmp_path / "run"), "--store", str(store), "--json", "--no-progress"]) == 0
+    page = write_report(store, tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == sorted(
+        f"run1_{n}.png" for n in SERIES_FIGURES
+    )
+    text = page.read_text()
+    assert "4 to 12 (3 snapshots)" in text
+    from weibull_monitor.store import RunStore
+
+    with RunStore(store) as runs:
+        growth = {r["metric"]: r["value"] for r in runs.aggregates(step=12)}
+    assert growth["weibull/transmission/scale_growth"] > 1.0  # measured from the first checkpoint
