@@ -254,3 +254,21 @@ def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_pat
     snapshots, _, _ = store_rows(tmp_path / "ga.sqlite")
     assert [row["step"] for row in snapshots] == DUE
     assert not os.path.exists(tmp_path / "out" / "weibull.sqlite")  # the store went where it was told
+
+
+def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
+    import runpy
+
+    from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
+
+    out = tmp_path / "example"
+    monkeypatch.setenv("WANDB_DIR", str(out))  # set here so the example's setdefault leaves no trace behind
+    monkeypatch.setenv("WANDB_PROJECT", "weibull-tests")
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hf_trainer.py"))
+    last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
+    assert 1.0 < last["weibull/transmission/k_median"] < 1.4
+    (run_dir,) = glob.glob(str(out / "runs" / "*"))
+    assert [e.step for e in _events(run_dir).Scalars("weibull/selection/k_median")] == [0, 5, 10]
+    (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = read_run_history(wait_for_run_file(wandb_file))
+    assert [r["train/global_step"] for r in history if "weibull/selection/k_median" in r] == [0, 5, 10]

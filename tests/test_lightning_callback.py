@@ -214,3 +214,23 @@ def test_lightning_gradient_accumulation_snapshots_on_optimizer_steps_once_each(
     assert trainer.global_step == 10
     with RunStore(tmp_path / "ga.sqlite") as store:
         assert [row["step"] for row in store.snapshots()] == [0, 5, 10]
+
+
+def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
+    import runpy
+
+    from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
+
+    out = tmp_path / "example"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_fit.py"))
+    last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
+    assert 1.0 < last["weibull/transmission/k_median"] < 1.4
+    assert [e.step for e in _events(str(out / "tb" / "version_0")).Scalars("weibull/selection/k_median")] == [
+        0,
+        5,
+        10,
+    ]
+    (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = read_run_history(wait_for_run_file(wandb_file))
+    assert [r["trainer/global_step"] for r in history if "weibull/selection/k_median" in r] == [0, 5, 10]
