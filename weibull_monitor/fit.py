@@ -12,7 +12,7 @@ same regression on the counts, exactly for bf16 weights and with within-bin inte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -219,106 +219,132 @@ def regression_sums(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.
     )
 
 
-def _stderr_from_model(sums: dict[str, float], k: float, n: int) -> tuple[float, float]:
-    """Delta-method standard errors (sd of k, relative sd of lambda) for n elements.
+_GL_Y_LO = float(_quadrature.weibull_y(np.array([_quadrature.F_LO]))[0])
+_ANTI_POWERS = np.vander(np.concatenate([[_Y_HI, _GL_Y_LO], _GL_Y]), 7, increasing=True)  # y^0..y^6
+
+
+def _stderr_batch(sums: np.ndarray, k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Delta-method standard errors (sd of k, relative sd of lambda) for rows of regression sums [M, 12].
 
     The quantile curve x(y) is modelled by the least-squares cubic in y through the regression points (smooth, so
     the noise of single order statistics does not enter); order statistics fluctuate as x'(F) B(F) / sqrt(n) with
-    B a Brownian bridge; the OLS slope and intercept are linear in those fluctuations. For Weibull data the cubic
-    is a line and this is the exact asymptotic result; for Gaussian weights it gives 1.365/sqrt(n) and
-    0.862/sqrt(n), the constants measured in science.md section 2.
+    B a Brownian bridge; the OLS slope and intercept are linear in those fluctuations, and integration by parts
+    turns each variance into single integrals (docs/estimator.md). For Weibull data the cubic is a line and this is
+    the exact asymptotic result; for Gaussian weights it gives 1.365/sqrt(n) and 0.862/sqrt(n), the constants
+    measured in science.md section 2.
     """
-    w = sums["w"]
-    ys = [w, sums["y"], sums["yy"], sums["y3"], sums["y4"], sums["y5"], sums["y6"]]
-    a = np.array([[ys[p + q] for q in range(4)] for p in range(4)], dtype=np.float64)
-    b = np.array([sums["x"], sums["xy"], sums["xy2"], sums["xy3"]], dtype=np.float64)
-    try:
-        coef = np.linalg.solve(a, b)
-    except np.linalg.LinAlgError:
-        coef = np.linalg.lstsq(a, b, rcond=None)[0]
-    poly = np.polynomial.Polynomial(coef)
-    dpoly = poly.deriv()
-    x_mean, y_mean = sums["x"] / w, sums["y"] / w
-    sxx = (
-        sums["xx"] - sums["x"] * x_mean
-    ) / w  # variance of x over the band, per unit F after dividing by band
-    if not sxx > 0:
-        return _NAN, _NAN
-    # g_k(F) dF = x'(F) [(y - ybar) - 2k (x - xbar)] / (band * sxx) dF, integrated from F to the top of the band.
-    integrand = (np.polynomial.Polynomial([-y_mean, 1.0]) - 2.0 * k * (poly - x_mean)) * dpoly
-    anti = integrand.integ()
-    scale_k = 1.0 / (_BAND * sxx)
-    gamma_k_lo = None
-
-    def gamma_k(yv: np.ndarray) -> np.ndarray:
-        return (anti(_Y_HI) - anti(yv)) * scale_k
-
-    def gamma_ln_scale(yv: np.ndarray) -> np.ndarray:  # ln lambda = xbar - ybar / k
-        return (poly(_Y_HI) - poly(yv)) / _BAND + (y_mean / (k * k)) * gamma_k(yv)
-
-    out = []
-    for gamma in (gamma_k, gamma_ln_scale):
-        g = gamma(_GL_Y)
-        gamma_k_lo = float(gamma(np.array([_quadrature.weibull_y(np.array([_quadrature.F_LO]))[0]]))[0])
-        first = float((_GL_W * g).sum()) + _quadrature.F_LO * gamma_k_lo
-        second = float((_GL_W * g * g).sum()) + _quadrature.F_LO * gamma_k_lo * gamma_k_lo
-        var = max(second - first * first, 0.0)
-        out.append(math.sqrt(var / n))
+    col = {name: sums[:, i] for i, name in enumerate(SUM_NAMES)}
+    w = col["w"]
+    ys = [w, col["y"], col["yy"], col["y3"], col["y4"], col["y5"], col["y6"]]
+    a = np.stack([np.stack([ys[p + q] for q in range(4)], -1) for p in range(4)], -2)  # [M, 4, 4]
+    b = np.stack([col["x"], col["xy"], col["xy2"], col["xy3"]], -1)
+    coef = np.empty_like(b)
+    for i in range(
+        len(w)
+    ):  # 4x4 solves; a singular row (too few distinct points) falls back to least squares
+        if not (w[i] >= 2 and np.isfinite(a[i]).all() and np.isfinite(b[i]).all()):
+            coef[i] = _NAN
+            continue
+        try:
+            coef[i] = np.linalg.solve(a[i], b[i])
+        except np.linalg.LinAlgError:
+            try:
+                coef[i] = np.linalg.lstsq(a[i], b[i], rcond=None)[0]
+            except np.linalg.LinAlgError:
+                coef[i] = _NAN
+    x_mean, y_mean = col["x"] / w, col["y"] / w
+    sxx = (col["xx"] - col["x"] * x_mean) / w  # variance of x over the band
+    # w(y) = (y - ybar) - 2k (x(y) - xbar), x(y) = cubic; integrand = w(y) x'(y); anti = its antiderivative in y.
+    resid = -2.0 * k[:, None] * coef
+    resid[:, 0] += 2.0 * k * x_mean - y_mean
+    resid[:, 1] += 1.0
+    slope = coef[:, 1:] * np.arange(1, 4)  # x'(y): degree 2
+    integrand = np.zeros((len(w), 6))
+    for i in range(4):
+        for j in range(3):
+            integrand[:, i + j] += resid[:, i] * slope[:, j]
+    anti = np.zeros((len(w), 7))
+    anti[:, 1:] = integrand / np.arange(1, 7)
+    anti_at = anti @ _ANTI_POWERS.T  # [M, 2 + nodes]: at y_hi, y_lo, then the Gauss-Legendre nodes
+    poly_at = coef @ _ANTI_POWERS[:, :4].T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gamma_k = (anti_at[:, :1] - anti_at[:, 1:]) / (_BAND * sxx)[:, None]  # from F to the top of the band
+        gamma_ln = (poly_at[:, :1] - poly_at[:, 1:]) / _BAND + (y_mean / (k * k))[:, None] * gamma_k
+        out = []
+        for gamma in (gamma_k, gamma_ln):  # Var int Gamma dB = int Gamma^2 - (int Gamma)^2 over [0, 1]
+            lo, nodes = gamma[:, 0], gamma[:, 1:]
+            first = nodes @ _GL_W + _quadrature.F_LO * lo
+            second = (nodes * nodes) @ _GL_W + _quadrature.F_LO * lo * lo
+            out.append(np.sqrt(np.maximum(second - first * first, 0.0) / n))
+    bad = ~(sxx > 0)
+    out[0][bad] = _NAN
+    out[1][bad] = _NAN
     return out[0], out[1]
 
 
-def fit_from_sums(
-    sums_row: np.ndarray | list[float],
+def fits_from_sums(
+    sums: np.ndarray,
     *,
-    n: int,
-    n_zero: int,
-    n_nonfinite: int,
+    n: Sequence[int],
+    n_zero: Sequence[int],
+    n_nonfinite: Sequence[int],
     method: str,
-    quantiles: Iterable[float] = (),
-) -> WeibullFit:
-    """Finish the regression from its sums (one row of ``regression_sums``) into a WeibullFit."""
-    s = dict(zip(SUM_NAMES, (float(v) for v in sums_row)))
-    w = s["w"]
-    if not w >= 2:
-        return failed_fit("fewer than 2 points in the middle 80%", method, n, n_zero, n_nonfinite)
-    x_mean, y_mean = s["x"] / w, s["y"] / w
-    sxx = s["xx"] - s["x"] * x_mean
-    syy = s["yy"] - s["y"] * y_mean
-    sxy = s["xy"] - s["x"] * y_mean
-    # Relative tolerance: cancellation in float64 sums leaves ~1e-16 * sum(x^2) of noise in sxx.
-    if not sxx > 1e-12 * max(s["xx"], 1e-300):
-        return failed_fit(
-            "no spread: the middle 80% of |w| holds a single value", method, n, n_zero, n_nonfinite
-        )
-    k = sxy / sxx
-    if not (math.isfinite(k) and k > 0):
-        return failed_fit(f"degenerate regression (slope {k!r})", method, n, n_zero, n_nonfinite)
-    intercept = y_mean - k * x_mean
-    ln_scale = -intercept / k
-    r2 = min(max(sxy * sxy / (sxx * syy), 0.0), 1.0)
-    k_se, rel_se = _stderr_from_model(s, k, n)
-    q = [float(v) for v in quantiles] or [_NAN] * len(QUANTILE_LEVELS)
-    scale = math.exp(ln_scale)
-    if not math.isfinite(scale):
-        return failed_fit("scale overflow", method, n, n_zero, n_nonfinite)
-    return WeibullFit(
-        k=k,
-        scale=scale,
-        r2=r2,
-        n=int(n),
-        n_zero=int(n_zero),
-        n_nonfinite=int(n_nonfinite),
-        k_stderr=k_se,
-        scale_rel_stderr=rel_se,
-        method=method,
-        ok=True,
-        reason=None,
-        q10=q[0],
-        q50=q[1],
-        q90=q[2],
-        q99=q[3],
-        q999=q[4],
-    )
+    quantiles: np.ndarray | None = None,
+) -> list[WeibullFit]:
+    """Finish the regressions from their sums (rows of ``regression_sums`` [M, 12]) into WeibullFits."""
+    sums = np.asarray(sums, dtype=np.float64).reshape(-1, len(SUM_NAMES))
+    m = sums.shape[0]
+    if m == 0:
+        return []
+    col = {name: sums[:, i] for i, name in enumerate(SUM_NAMES)}
+    w = col["w"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x_mean, y_mean = col["x"] / w, col["y"] / w
+        sxx = col["xx"] - col["x"] * x_mean
+        syy = col["yy"] - col["y"] * y_mean
+        sxy = col["xy"] - col["x"] * y_mean
+        k = sxy / sxx
+        ln_scale = x_mean - y_mean / k  # lambda = exp(-intercept / k), intercept = ybar - k xbar
+        r2 = np.clip(sxy * sxy / (sxx * syy), 0.0, 1.0)
+        k_se, rel_se = _stderr_batch(sums, k, np.asarray(n, dtype=np.float64))
+        scale = np.exp(ln_scale)
+    if quantiles is None:
+        quantiles = np.full((m, len(QUANTILE_LEVELS)), _NAN)
+    fits = []
+    for i in range(m):
+        args = (method, n[i], n_zero[i], n_nonfinite[i])
+        # Relative tolerance: cancellation in float64 sums leaves ~1e-16 * sum(x^2) of noise in sxx.
+        if not w[i] >= 2:
+            fits.append(failed_fit("fewer than 2 points in the middle 80%", *args))
+        elif not sxx[i] > 1e-12 * max(col["xx"][i], 1e-300):
+            fits.append(failed_fit("no spread: the middle 80% of |w| holds a single value", *args))
+        elif not (math.isfinite(k[i]) and k[i] > 0):
+            fits.append(failed_fit(f"degenerate regression (slope {float(k[i])!r})", *args))
+        elif not (math.isfinite(scale[i]) and scale[i] > 0):
+            fits.append(failed_fit("scale out of floating-point range", *args))
+        else:
+            q = [float(v) for v in quantiles[i]]
+            fits.append(
+                WeibullFit(
+                    k=float(k[i]),
+                    scale=float(scale[i]),
+                    r2=float(r2[i]),
+                    n=int(n[i]),
+                    n_zero=int(n_zero[i]),
+                    n_nonfinite=int(n_nonfinite[i]),
+                    k_stderr=float(k_se[i]),
+                    scale_rel_stderr=float(rel_se[i]),
+                    method=method,
+                    ok=True,
+                    reason=None,
+                    q10=q[0],
+                    q50=q[1],
+                    q90=q[2],
+                    q99=q[3],
+                    q999=q[4],
+                )
+            )
+    return fits
 
 
 def too_few_reason(n: int, n_zero: int, n_nonfinite: int) -> str | None:
@@ -386,7 +412,14 @@ def _fit_exact(t: torch.Tensor) -> WeibullFit:
     a_lo = a[base.to(a.device)].to(torch.float64).cpu()
     a_hi = a[nxt.to(a.device)].to(torch.float64).cpu()
     qs = (a_lo * (1 - frac) + a_hi * frac).tolist()
-    return fit_from_sums(sums, n=n, n_zero=n_zero, n_nonfinite=n_nonfinite, method="exact", quantiles=qs)
+    return fits_from_sums(
+        sums[None, :],
+        n=[n],
+        n_zero=[n_zero],
+        n_nonfinite=[n_nonfinite],
+        method="exact",
+        quantiles=np.array([qs]),
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
