@@ -129,7 +129,11 @@ def _thread_pool() -> ThreadPoolExecutor:
 
 
 def _bincount(chunk: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(_codes(chunk), minlength=N_BINS)
+    codes = _codes(chunk)
+    try:
+        return torch.bincount(codes, minlength=N_BINS)
+    except (RuntimeError, NotImplementedError):  # a backend without int16 bincount: widen the codes
+        return torch.bincount(codes.to(torch.int64), minlength=N_BINS)
 
 
 def _raw_counts(t: torch.Tensor) -> torch.Tensor:
@@ -550,9 +554,14 @@ class HistogramBatch:
 
     def fit_all(self) -> list[WeibullFit]:
         """One WeibullFit per row, with one device-to-host transfer for the whole batch (never raises)."""
+        counts = self.counts
+        if (
+            counts.device.type == "mps"
+        ):  # no float64 there: fit the (small) counts on the CPU, still one transfer
+            counts = counts.cpu()
         try:
             with torch.no_grad():
-                return _fit_counts(self.counts, self.kinds, self.reasons)
+                return _fit_counts(counts, self.kinds, self.reasons)
         except Exception as exc:
             why = f"fit failed: {type(exc).__name__}: {exc}"
             return [failed_fit(r or why, "histogram") for r in self.reasons]
