@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import subprocess
 import sys
@@ -14,21 +16,18 @@ from weibull_monitor import study
 from weibull_monitor.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "scaling_study.py"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``examples/scaling_study.py --quick`` as a user runs it; its stdout and output directory."""
+    """``examples/scaling_study.py --quick`` (its ``main``, in this process to spare a second torch import):
+    the printed output and the output directory."""
     out = tmp_path_factory.mktemp("study")
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "scaling_study.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout, out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert study.main(["--quick", "--out", str(out)]) == 0
+    return printed.getvalue(), out
 
 
 @pytest.mark.slow
@@ -76,12 +75,18 @@ def test_quick_study_writes_one_run_per_setting_and_the_figures(quick_run):
 
 
 @pytest.mark.slow
-def test_analyse_only_reads_the_same_store_again(quick_run, capsys):
+def test_example_script_analyses_the_same_store_again(quick_run):
     stdout, out = quick_run
-    assert study.main(["--analyse-only", "--no-figures", "--out", str(out)]) == 0
-    again = capsys.readouterr().out
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--analyse-only", "--no-figures", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
     line = next(x for x in stdout.splitlines() if "Pearson r" in x)
-    assert line in again
+    assert line in completed.stdout
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ equilibrium proportional to √(η/λ_wd), and they get there on the timescale �
 
 * after a few τ (T/τ = Σ η_t·λ_wd >= 3) the Transmission scale λ should be proportional to √(η/λ_wd), whatever
   the starting point: the terminal λ against √(η/λ_wd) is a straight line with Pearson r close to 1;
-* λ/√(η/λ_wd) against T/τ should fall onto one curve for every run once T/τ is past ~2 (that is the collapse;
-  λ/λ_first itself rises to a different level in each run, because each run has a different equilibrium);
+* λ/√(η/λ_wd) against T/τ should bring every run into one band once T/τ is past ~1 (that is the collapse;
+  λ/λ_first itself rises to a different level in each run, because each run has a different equilibrium). The
+  proportionality constant is not universal: it depends on how noisy the normalised Adam update is, which changes
+  as the loss settles and with η per step (docs/study.md quotes what was measured);
 * the shape k is free to move meanwhile: the study records the class medians against T/τ, beside the Gaussian
   anchor and the paper's bands, and claims nothing about them beyond what it measures.
 
@@ -38,7 +40,9 @@ __all__ = [
     "StudyResult",
     "analyse_store",
     "default_config",
+    "format_k_trajectories",
     "format_summary",
+    "k_at",
     "main",
     "pearson",
     "quick_config",
@@ -511,7 +515,33 @@ def format_summary(result: StudyResult) -> str:
         f"slope = {result.slope:.4f}, intercept = {result.intercept:+.5f}; "
         f"through the origin λ ≈ {result.through_origin:.4f}·√(η/λ_wd) (Pythia, mean λ of W_o and FFN: 0.087)"
     )
+    for panel in ("selection", "qkv (fused)"):
+        if any(panel in r.k for r in result.runs):
+            lines.append("")
+            lines.extend(format_k_trajectories(result, panel))
     return "\n".join(lines)
+
+
+def k_at(run: RunResult, panel: str, t_over_tau: float) -> float:
+    """The class-median k of ``panel`` at the snapshot nearest to ``t_over_tau`` (NaN when not recorded)."""
+    values = run.k.get(panel)
+    if not values:
+        return math.nan
+    nearest = min(range(len(run.t_over_tau)), key=lambda i: abs(run.t_over_tau[i] - t_over_tau))
+    return values[nearest]
+
+
+def format_k_trajectories(result: StudyResult, panel: str = "selection") -> list[str]:
+    """Median k of ``panel`` at whole T/τ (nearest snapshot), one row per run."""
+    end = min(math.floor(r.t_over_tau[-1] + 1e-9) for r in result.runs)
+    marks = list(range(end + 1))
+    lines = [
+        f"{panel} median k at T/τ ≈ " + ", ".join(map(str, marks)) + " (nearest snapshot)",
+        f"{'run':<22} " + " ".join(f"{m:>6}" for m in marks),
+    ]
+    for r in result.runs:
+        lines.append(f"{r.name:<22} " + " ".join(f"{k_at(r, panel, m):>6.3f}" for m in marks))
+    return lines
 
 
 def _colours(n: int) -> list[Any]:
@@ -525,6 +555,13 @@ def _label(r: RunResult) -> str:
     return f"√(η/λwd)={r.sqrt_lr_over_wd:.3f}, τ={r.tau:.0f}"
 
 
+def _markers(runs: list[RunResult]) -> list[str]:
+    """One marker per distinct τ, so runs on different clocks stay apart in every figure."""
+    taus = sorted({round(r.tau) for r in runs})
+    shapes = "osD^vP*X"
+    return [shapes[taus.index(round(r.tau)) % len(shapes)] for r in runs]
+
+
 def write_figures(result: StudyResult, out_dir: str | Path) -> list[Path]:
     """study_scale.png, study_growth.png, study_k.png under ``out_dir`` (matplotlib, Agg, no pyplot state)."""
     from matplotlib.figure import Figure
@@ -535,13 +572,22 @@ def write_figures(result: StudyResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     colours = _colours(len(result.runs))
+    markers = _markers(result.runs)
     paths = [out / name for name in FIGURE_NAMES]
 
     fig = Figure(figsize=(6.5, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     xs = [r.sqrt_lr_over_wd for r in result.runs]
-    for r, colour in zip(result.runs, colours):
-        ax.scatter([r.sqrt_lr_over_wd], [r.terminal_scale], color=colour, s=40, zorder=3, label=_label(r))
+    for r, colour, marker in zip(result.runs, colours, markers):
+        ax.scatter(
+            [r.sqrt_lr_over_wd],
+            [r.terminal_scale],
+            color=colour,
+            marker=marker,
+            s=45,
+            zorder=3,
+            label=_label(r),
+        )
     top = max(xs) * 1.1
     ax.plot(
         [0, top],
@@ -568,16 +614,17 @@ def write_figures(result: StudyResult, out_dir: str | Path) -> list[Path]:
 
     fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     growth_ax, ratio_ax = fig.subplots(1, 2)
-    for r, colour in zip(result.runs, colours):
-        growth_ax.plot(r.t_over_tau, r.growth, marker="o", ms=2.5, color=colour, label=_label(r))
-        ratio_ax.plot(r.t_over_tau, r.scale_over_sqrt, marker="o", ms=2.5, color=colour, label=_label(r))
+    for r, colour, marker in zip(result.runs, colours, markers):
+        style = {"marker": marker, "ms": 3, "color": colour, "label": _label(r)}
+        growth_ax.plot(r.t_over_tau, r.growth, **style)
+        ratio_ax.plot(r.t_over_tau, r.scale_over_sqrt, **style)
     growth_ax.axhline(1.0, color="black", lw=0.8, ls="--")
     growth_ax.set_xlabel("T/τ = Σ η_t·λ_wd")
     growth_ax.set_ylabel("λ / λ_first (Transmission median)")
     growth_ax.set_title("scale growth: each run rises to its own equilibrium")
     ratio_ax.set_xlabel("T/τ = Σ η_t·λ_wd")
     ratio_ax.set_ylabel("λ / √(η/λ_wd) (Transmission median; η: peak)")
-    ratio_ax.set_title("scale over √(η/λ_wd): the runs collapse after a few τ")
+    ratio_ax.set_title("scale over √(η/λ_wd): one band for every run")
     ratio_ax.set_ylim(bottom=0)
     for axis in (growth_ax, ratio_ax):
         axis.legend(fontsize=7)
@@ -595,10 +642,10 @@ def write_figures(result: StudyResult, out_dir: str | Path) -> list[Path]:
         if band is not None:
             ax.axhspan(band.low, band.high, color="#1f77b4", alpha=0.12, lw=0, label=f"paper: {band}")
         ax.axhline(K_GAUSSIAN, color="black", lw=0.8, ls="--", label=f"Gaussian anchor {K_GAUSSIAN:.4f}")
-        for r, colour in zip(result.runs, colours):
+        for r, colour, marker in zip(result.runs, colours, markers):
             values = r.k.get(panel)
             if values:
-                ax.plot(r.t_over_tau, values, marker="o", ms=2.5, color=colour, label=_label(r))
+                ax.plot(r.t_over_tau, values, marker=marker, ms=3, color=colour, label=_label(r))
         ax.set_xlabel("T/τ")
         ax.set_title(f"{panel} median k")
         ax.legend(fontsize=6)
