@@ -549,3 +549,19 @@ def test_progress_bar_counts_every_matrix_of_a_series(trainer_series, capsys):
     total = sum(len(r.rows) for r in results)
     assert total == 4 * 16
     assert f"{total}/{total}" in err and f"{total + 1}" not in err.replace(f"{total}/{total}", "")
+
+
+def test_series_step_file_linking_out_is_not_read(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "trainer_state.json").write_text(json.dumps({"global_step": 777}))
+    for step in (10, 20):
+        (tmp_path / "series" / f"checkpoint-{step}").mkdir(parents=True)
+        save_state(
+            tmp_path / "series" / f"checkpoint-{step}" / "model.safetensors",
+            {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 16)},
+        )
+    (tmp_path / "series" / "checkpoint-20" / "trainer_state.json").symlink_to(outside / "trainer_state.json")
+    with pytest.warns(UserWarning, match="outside the checkpoint directory"):
+        rows = scan_json(capsys, str(tmp_path / "series"))
+    assert [r["step"] for r in rows] == [10, 20]  # the name decides, the linked file is not read

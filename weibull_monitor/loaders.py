@@ -626,9 +626,19 @@ def _open_model_dir(directory: Path, root: Path, follow_symlinks: bool) -> Check
     return _open_file(weights, root, follow_symlinks, config)
 
 
-def _step_of_dir(directory: Path) -> int | None:
+def _step_of_dir(directory: Path, root: Path, follow_symlinks: bool) -> int | None:
+    """The step of a series member: ``global_step`` of its trainer_state.json, else the number in its name.
+
+    A trainer_state.json that links out of the checkpoint is not read (the name decides, with a warning).
+    """
     state = directory / "trainer_state.json"
     if state.is_file():
+        try:
+            state = _inside(root, state, follow_symlinks)
+        except LoaderError as exc:
+            warnings.warn(f"{exc}; taking the step from the directory name", stacklevel=2)
+            state = None
+    if state is not None and state.is_file():
         try:
             step = json.loads(state.read_text()).get("global_step")
             if isinstance(step, int):
@@ -639,11 +649,11 @@ def _step_of_dir(directory: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _series_members(directory: Path) -> list[tuple[int, Path]]:
+def _series_members(directory: Path, follow_symlinks: bool) -> list[tuple[int, Path]]:
     members: list[tuple[int, Path]] = []
     for child in directory.iterdir():
         if child.is_dir() and _SERIES_DIR.match(child.name):
-            step = _step_of_dir(child)
+            step = _step_of_dir(child, directory, follow_symlinks)
             if step is not None:
                 members.append((step, child))
         elif child.is_file() and child.name.lower().endswith((".ckpt", ".pt", ".pth", ".safetensors")):
@@ -675,7 +685,7 @@ def open_checkpoints(path: str | os.PathLike[str], *, follow_symlinks: bool = Fa
             )
         ]
     root = target
-    members = _series_members(target)
+    members = _series_members(target, follow_symlinks)
     if len(members) >= 1 and (_weights_in(target) is None or len(members) > 1):
         steps = [s for s, _ in members]
         if len(set(steps)) != len(steps):
