@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from weibull_monitor import __version__
@@ -147,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"scan": _scan, "report": _report, "demo": _demo}
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            if args.command != "demo":  # the demo's libraries keep their own warning format
+
+                def one_line(message, category, filename, lineno, file=None, line=None):
+                    print(f"weibull-monitor {args.command}: warning: {message}", file=sys.stderr)
+
+                warnings.showwarning = one_line
+            return handlers[args.command](args)
     except (LoaderError, ReportError, StoreError, FileNotFoundError, ImportError) as exc:
         print(f"weibull-monitor {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
