@@ -30,13 +30,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    # Offline W&B: the run is written under <out>/wandb and can be synced later; no account needed.
-    os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_DIR", out)
-    os.environ.setdefault("WANDB_PROJECT", "weibull-monitor-examples")
 
     import torch
+    import wandb
     from transformers import Trainer, TrainingArguments
 
     from weibull_monitor.integrations.hf import WeibullCallback  # <- line 1 of 2
@@ -69,12 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             WeibullCallback(every=args.every, stop_on_critical=args.stop_on_critical)
         ],  # <- line 2 of 2
     )
+    # Offline W&B under <out>/wandb (`wandb sync` it later; no account needed). The Trainer's W&B callback uses
+    # the active run; starting it here decides where it goes.
+    wandb.init(project="weibull-monitor-examples", dir=out, mode=os.environ.get("WANDB_MODE", "offline"))
     started = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - started
-
-    import wandb
-
     wandb.finish()
 
     with RunStore(os.path.join(out, "weibull.sqlite")) as store:

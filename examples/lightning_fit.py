@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` later if you like
     os.environ.setdefault("WANDB_SILENT", "true")
 
     import lightning.pytorch as pl
@@ -63,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(ByteWindowDataset(n_samples=8 * args.steps, seq_len=64), batch_size=8)
     tb_logger = TensorBoardLogger(out, name="tb")
+    # Offline W&B under <out>/wandb: no account needed; `wandb sync` it later if you like.
     wandb_logger = WandbLogger(project="weibull-monitor-examples", save_dir=out, offline=True)
     trainer = pl.Trainer(
         max_steps=args.steps,

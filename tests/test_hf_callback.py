@@ -92,15 +92,21 @@ def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, mon
     import wandb
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    from weibull_monitor.sinks.wandb_sink import read_run_alerts, read_run_history, wait_for_run_file
+    from weibull_monitor.sinks.wandb_sink import (
+        iter_run_records,
+        read_run_alerts,
+        read_run_history,
+        wait_for_run_file,
+    )
 
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_PROJECT", "weibull-tests")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     model = tiny_llama(0)
     sabotage_queries(model)
     callback = WeibullCallback(every=EVERY, rules=[collapse_rule()], stop_on_critical=False, heatmap_every=2)
     trainer = make_trainer(tmp_path / "out", [callback], model=model, report_to=["tensorboard", "wandb"])
+    # W&B reads WANDB_DIR once per process, so the run is started here, in this test's directory; the
+    # Trainer's W&B callback then uses the active run, as it does for users who call wandb.init themselves.
+    wandb.init(project="weibull-tests", dir=str(tmp_path))
     try:
         trainer.train()
     finally:
@@ -148,6 +154,8 @@ def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, mon
         5,
         15,
     ]
+    declared = [r.metric for r in iter_run_records(wandb_file) if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "weibull/*" and m.step_metric == "train/global_step" for m in declared)
     wandb_alerts = read_run_alerts(wandb_file)
     assert [a["level"] for a in wandb_alerts if "selection_collapse" in a["title"]] == ["WARN", "ERROR"]
 
@@ -246,14 +254,17 @@ class _Steps(TrainerCallback):
         self.seen.append(state.global_step)
 
 
-def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_path):
+def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb-from-env"))
     steps = _Steps()
     callback = WeibullCallback(every=EVERY, store=tmp_path / "ga.sqlite")
-    make_trainer(tmp_path / "out", [callback, steps], accumulation=4).train()
+    make_trainer(tmp_path / "out", [callback, steps], accumulation=4, report_to=["tensorboard"]).train()
     assert steps.seen == list(range(1, MAX_STEPS + 1))  # once per optimizer step, not per micro-batch
     snapshots, _, _ = store_rows(tmp_path / "ga.sqlite")
     assert [row["step"] for row in snapshots] == DUE
     assert not os.path.exists(tmp_path / "out" / "weibull.sqlite")  # the store went where it was told
+    events = _events(str(tmp_path / "tb-from-env"))  # transformers 5's TensorBoard directory setting
+    assert [e.step for e in events.Scalars("weibull/transmission/k_median")] == DUE
 
 
 def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
@@ -262,8 +273,7 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
     from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
 
     out = tmp_path / "example"
-    monkeypatch.setenv("WANDB_DIR", str(out))  # set here so the example's setdefault leaves no trace behind
-    monkeypatch.setenv("WANDB_PROJECT", "weibull-tests")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hf_trainer.py"))
     last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4

@@ -216,13 +216,12 @@ def test_lightning_gradient_accumulation_snapshots_on_optimizer_steps_once_each(
         assert [row["step"] for row in store.snapshots()] == [0, 5, 10]
 
 
-def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
+def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path):
     import runpy
 
     from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
 
     out = tmp_path / "example"
-    monkeypatch.setenv("WANDB_MODE", "offline")
     example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_fit.py"))
     last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
