@@ -269,22 +269,30 @@ def test_lightning_checkpoint(tmp_path, capsys):
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
     loader = torch.utils.data.DataLoader(torch.randint(0, 256, (8, 16)), batch_size=4)
+    every_step = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1
+    )
     trainer = pl.Trainer(
-        max_steps=2,
+        max_steps=3,
         default_root_dir=tmp_path,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        callbacks=[every_step],
     )
     trainer.fit(Module(), loader)
-    (ckpt,) = tmp_path.glob("**/*.ckpt")
-    rows = scan_json(capsys, str(ckpt))
+    checkpoints = sorted(p.name for p in (tmp_path / "ckpts").glob("*.ckpt"))
+    assert checkpoints == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt"]
+    rows = scan_json(capsys, str(tmp_path / "ckpts" / checkpoints[0]))
     by_name = {r["name"]: r for r in rows}
     assert by_name["model.model.layers.1.mlp.down_proj.weight"]["component"] == "ffn_down"
     assert by_name["model.model.layers.0.self_attn.k_proj.weight"]["layer"] == 0
     assert len(rows) == 2 * 7 + 2
-    assert all(r["ok"] for r in rows)
+    assert all(r["ok"] for r in rows) and {r["step"] for r in rows} == {None}
+    # The directory of Lightning checkpoints is a series, ordered by the step in their names.
+    rows = scan_json(capsys, str(tmp_path / "ckpts"))
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3] and len(rows) == 3 * 16
 
 
 def test_gguf_quantised_tensors_are_dequantised(tmp_path, capsys):
