@@ -239,6 +239,26 @@ def test_wandb_sink_level_mapping_and_missing_run(tmp_path, wandb_offline):
         WandbSink(heatmap_every=-1)
 
 
+def test_wandb_sink_without_matplotlib_skips_the_heatmap_visibly(
+    tmp_path, wandb_offline, monkeypatch, caplog
+):
+    import sys
+
+    import wandb
+
+    from weibull_monitor.sinks.wandb_sink import WandbSink, read_run_history
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the `plot` extra were not installed
+    sink = WandbSink(table_every=1, heatmap_every=1)
+    sink.log_snapshot(snapshot_at(5))
+    assert sink.heatmap_every == 0
+    assert "no k heatmap without matplotlib" in caplog.text
+    wandb.finish()
+    history = read_run_history(_wandb_file(tmp_path))
+    assert [r["train/global_step"] for r in history if r.get("weibull/fits/_type") == "table-file"] == [5]
+    assert not any("weibull/k_heatmap/_type" in r for r in history)
+
+
 def test_k_heatmap_groups_layers_by_step():
     from weibull_monitor.sinks.wandb_sink import KHistory, render_k_heatmap
 

@@ -9,6 +9,7 @@ W&B's internal step on its own schedule, and a smaller explicit step would be dr
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import struct
 from collections import defaultdict
@@ -21,6 +22,8 @@ from weibull_monitor.sinks.base import Sink
 if TYPE_CHECKING:
     from weibull_monitor.alerts import Alert
     from weibull_monitor.monitor import Snapshot
+
+logger = logging.getLogger("weibull_monitor.sinks")
 
 #: Alert levels of weibull-monitor -> names of ``wandb.AlertLevel`` members.
 WANDB_ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "critical": "ERROR"}
@@ -231,7 +234,9 @@ class WandbSink(Sink):
         if self.table_every and self._snapshots_seen % self.table_every == 0:
             row["weibull/fits"] = self._fits_table(snapshot)
         if self.heatmap_every and self._snapshots_seen % self.heatmap_every == 0:
-            row["weibull/k_heatmap"] = self._heatmap_image(snapshot.step)
+            image = self._heatmap_image(snapshot.step)
+            if image is not None:
+                row["weibull/k_heatmap"] = image
         if row:
             row[self.step_metric] = int(snapshot.step)
             self._ready_run().log(row)
@@ -266,7 +271,14 @@ class WandbSink(Sink):
 
         from weibull_monitor.fit import K_GAUSSIAN
 
-        pixels = render_k_heatmap(self.history, anchor=K_GAUSSIAN)
+        try:
+            pixels = render_k_heatmap(self.history, anchor=K_GAUSSIAN)
+        except ImportError as error:  # matplotlib is optional (the `plot` extra): tables and scalars go on
+            logger.warning(
+                "WandbSink: no k heatmap without matplotlib (%s); install weibull-monitor[plot]", error
+            )
+            self.heatmap_every = 0
+            return None
         return wandb.Image(pixels, caption=f"k per layer and step up to step {step} (centre: Gaussian k)")
 
     def close(self) -> None:
