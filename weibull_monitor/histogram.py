@@ -18,8 +18,6 @@ NONFINITE_COLUMN.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,8 +68,6 @@ EXACT_RANKS = 4096
 GRID_POINTS = 1024
 """Beyond EXACT_RANKS, a midpoint grid of this many ranks (|dk| ~ 4e-5 against the sort for fp32, measured)."""
 
-_LITTLE_ENDIAN = sys.byteorder == "little"
-
 
 def histogram_kind(dtype: torch.dtype) -> str:
     """The histogram kind of a floating dtype: "bf16" (bf16, float8), "fp16", or "fp32" (fp32, fp64, others)."""
@@ -92,10 +88,10 @@ def _codes(chunk: torch.Tensor) -> torch.Tensor:
     if dtype in (torch.bfloat16, torch.float16):
         return torch.bitwise_and(chunk.view(torch.int16), 0x7FFF).reshape(-1)
     if dtype == torch.float32:
-        if _LITTLE_ENDIAN and chunk.dim() >= 1 and chunk.stride(-1) == 1:
-            high = chunk.view(torch.int16)[..., 1::2]  # high half of each fp32: no float pass, exact edges
-            return torch.bitwise_and(high, 0x7FFF).reshape(-1)
-        return torch.bitwise_and(torch.bitwise_right_shift(chunk.view(torch.int32), 16), 0x7FFF).reshape(-1)
+        # The high 16 bits of each fp32 pattern, through an int32 view: no float pass, exact bin edges, any strides.
+        # (A strided int16 view of the high halves is ~10% slower to code, measured.)
+        codes = torch.bitwise_right_shift(chunk.view(torch.int32), 16)
+        return codes.bitwise_and_(0x7FFF).reshape(-1)
     if histogram_kind(dtype) == "bf16":  # float8: exact in bf16
         return _codes(chunk.to(torch.bfloat16))
     return _codes(chunk.to(torch.float32))  # fp64 rounded to fp32
@@ -116,16 +112,20 @@ def _chunks(t: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [t[i : i + step] for i in range(0, rows, step)]
 
 
-_POOL: list[ThreadPoolExecutor] = []
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _thread_pool() -> ThreadPoolExecutor:
+def _pool_size() -> int:
+    """As many workers as torch may use threads (the user's torch.set_num_threads is respected)."""
+    return max(1, torch.get_num_threads())
+
+
+def _thread_pool(size: int) -> ThreadPoolExecutor:
     """Workers for CPU histograms: ``torch.bincount`` runs on one thread, so chunks are spread across cores."""
-    if not _POOL:
-        _POOL.append(
-            ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="wm-hist")
-        )
-    return _POOL[0]
+    pool = _POOLS.get(size)
+    if pool is None:
+        pool = _POOLS[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="weibull-histogram")
+    return pool
 
 
 def _bincount(chunk: torch.Tensor) -> torch.Tensor:
@@ -147,11 +147,11 @@ def _raw_counts(t: torch.Tensor) -> torch.Tensor:
     chunks = _chunks(t, CPU_CHUNK_ELEMENTS)
     if not chunks:
         return torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
-    threads = min(torch.get_num_threads(), len(chunks))
+    threads = min(_pool_size(), len(chunks))
     if threads <= 1:
         parts = [_bincount(c) for c in chunks]
     else:
-        parts = list(_thread_pool().map(_bincount, chunks))
+        parts = list(_thread_pool(threads).map(_bincount, chunks))
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
