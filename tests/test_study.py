@@ -146,6 +146,17 @@ def test_settings_and_schedule():
         study.StudyConfig(settings=(setting, setting), arch="gpt2")
 
 
+def test_command_line_errors_are_one_line_messages(tmp_path, capsys):
+    assert study.main(["--analyse-only", "--out", str(tmp_path)]) == study.EXIT_USAGE
+    assert "no such run store" in capsys.readouterr().err
+    assert study.main(["--setting", "1e-3:1", "--out", str(tmp_path)]) == study.EXIT_USAGE
+    assert "at least two" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--setting", "fast:slow"])
+    assert exit_info.value.code == 2 and "LR:WD" in capsys.readouterr().err
+    assert not (tmp_path / "study.sqlite").exists()
+
+
 def test_analyse_store_needs_two_usable_runs(tmp_path):
     with pytest.raises(FileNotFoundError):
         study.analyse_store(tmp_path / "missing.sqlite")

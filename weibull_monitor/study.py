@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ __all__ = [
     "RunResult",
     "Setting",
     "StudyConfig",
+    "StudyError",
     "StudyResult",
     "analyse_store",
     "default_config",
@@ -50,6 +52,14 @@ __all__ = [
     "spearman",
     "write_figures",
 ]
+
+EXIT_USAGE = 2
+
+
+class StudyError(ValueError):
+    """A study that cannot run (fewer than two settings, unknown architecture) or a store it cannot analyse
+    (fewer than two runs with decayed Transmission matrices and T/τ)."""
+
 
 TRANSMISSION_SCALE = "weibull/transmission/scale_median"
 TRANSMISSION_GROWTH = "weibull/transmission/scale_growth"
@@ -124,11 +134,11 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if len(self.settings) < 2:
-            raise ValueError("a scaling study needs at least two (lr, weight_decay) settings")
+            raise StudyError("a scaling study needs at least two (lr, weight_decay) settings")
         if self.arch not in ("llama", "neox"):
-            raise ValueError(f"arch must be 'llama' or 'neox', got {self.arch!r}")
+            raise StudyError(f"arch must be 'llama' or 'neox', got {self.arch!r}")
         if self.t_over_tau <= 0 or self.snapshots < 1 or self.warmup_tau < 0:
-            raise ValueError("t_over_tau must be > 0, snapshots >= 1 and warmup_tau >= 0")
+            raise StudyError("t_over_tau must be > 0, snapshots >= 1 and warmup_tau >= 0")
 
     def warmup_steps(self, setting: Setting) -> int:
         return max(1, round(self.warmup_tau * setting.tau))
@@ -454,7 +464,7 @@ def load_run_result(store: Any, run: dict[str, Any]) -> RunResult | None:
 
 
 def analyse_store(store_path: str | Path) -> StudyResult:
-    """Read every usable run of a store and compute the scaling figures. ValueError when fewer than two runs
+    """Read every usable run of a store and compute the scaling figures. StudyError when fewer than two runs
     with decayed Transmission matrices are there (no line to fit)."""
     from weibull_monitor.store import RunStore
 
@@ -464,7 +474,7 @@ def analyse_store(store_path: str | Path) -> StudyResult:
     with RunStore(path) as store:
         runs = [r for r in (load_run_result(store, run) for run in store.runs()) if r is not None]
     if len(runs) < 2:
-        raise ValueError(
+        raise StudyError(
             f"{path}: {len(runs)} run(s) with decayed Transmission matrices and T/τ; the study needs at least two"
         )
     runs.sort(key=lambda r: (r.sqrt_lr_over_wd, r.tau))
@@ -515,6 +525,17 @@ def format_summary(result: StudyResult) -> str:
         f"slope = {result.slope:.4f}, intercept = {result.intercept:+.5f}; "
         f"through the origin λ ≈ {result.through_origin:.4f}·√(η/λ_wd) (Pythia, mean λ of W_o and FFN: 0.087)"
     )
+    by_tau: dict[int, list[float]] = {}
+    for r in result.runs:
+        by_tau.setdefault(round(r.tau), []).append(r.scale_over_sqrt[-1])
+    if len(by_tau) > 1:  # the constant is not universal: show it per clock
+        lines.append(
+            "terminal λ/√(η/λ_wd) by τ: "
+            + "; ".join(
+                f"τ = {tau}: {statistics.mean(v):.3f} (mean of {len(v)}, {min(v):.3f} to {max(v):.3f})"
+                for tau, v in sorted(by_tau.items())
+            )
+        )
     for panel in ("selection", "qkv (fused)"):
         if any(panel in r.k for r in result.runs):
             lines.append("")
@@ -693,6 +714,13 @@ def run_study(
     return result
 
 
+def _setting_argument(text: str) -> Setting:
+    try:
+        return Setting.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The study's options (shared by ``examples/scaling_study.py`` and ``weibull-monitor study``)."""
     parser = parser or argparse.ArgumentParser(
@@ -710,6 +738,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--setting",
         action="append",
         metavar="LR:WD",
+        type=_setting_argument,
         help="an (η, λ_wd) setting, repeatable (replaces the preset's settings)",
     )
     parser.add_argument("--t-over-tau", type=float, default=None, help="train each setting to this T/τ")
@@ -733,7 +762,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     config = quick_config(args.arch) if args.quick else default_config(args.arch)
     changes: dict[str, Any] = {}
     if args.setting:
-        changes["settings"] = tuple(Setting.parse(text) for text in args.setting)
+        changes["settings"] = tuple(args.setting)
     if args.t_over_tau is not None:
         changes["t_over_tau"] = args.t_over_tau
     if args.snapshots is not None:
@@ -744,18 +773,24 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run (or re-analyse) the study and print the table; 0 on success."""
+    """Run (or re-analyse) the study and print the table; 0 on success, 2 (with a one-line message) when the
+    store is missing, already there without ``--overwrite``, or holds too little to analyse."""
     import torch
 
     started = time.perf_counter()
     out = Path(args.out)
-    if args.analyse_only:
-        result = analyse_store(out / "study.sqlite")
-        if not args.no_figures:
-            write_figures(result, out)
-    else:
-        torch.set_num_threads(max(1, args.threads))
-        result = run_study(config_from_args(args), out, overwrite=args.overwrite, figures=not args.no_figures)
+    try:
+        if args.analyse_only:
+            result = analyse_store(out / "study.sqlite")
+            if not args.no_figures:
+                write_figures(result, out)
+        else:
+            torch.set_num_threads(max(1, args.threads))
+            config = config_from_args(args)
+            result = run_study(config, out, overwrite=args.overwrite, figures=not args.no_figures)
+    except (FileNotFoundError, FileExistsError, StudyError) as error:
+        print(f"scaling study: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print()
     print(format_summary(result))
     for path in result.figures:
