@@ -91,3 +91,16 @@ def test_demo_rejects_bad_arguments(tmp_path):
         run_demo(steps=0, out=tmp_path)
     with pytest.raises(ValueError, match="every"):
         run_demo(steps=5, every=0, out=tmp_path)
+
+
+def test_demo_dashboards_follow_what_is_installed(monkeypatch):
+    import importlib.util
+
+    from weibull_monitor import demo
+
+    assert demo._available_dashboards() == (["wandb", "tensorboard"], [])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    assert demo._available_dashboards() == (["tensorboard"], [("wandb", "wandb")])

@@ -91,6 +91,19 @@ def _demo_environment(out: Path, threads: int):
                 os.environ[key] = value
 
 
+def _available_dashboards() -> tuple[list[str], list[tuple[str, str]]]:
+    """(``report_to`` names whose packages are installed, [(dashboard, pip name)] of those that are not)."""
+    import importlib.util
+
+    present, missing = [], []
+    for name, module, package in (("wandb", "wandb", "wandb"), ("tensorboard", "tensorboard", "tensorboard")):
+        if importlib.util.find_spec(module) is None:
+            missing.append((name, package))
+        else:
+            present.append(name)
+    return present, missing
+
+
 def _finish_wandb() -> Path | None:
     """Close the W&B run the Trainer opened (it leaves it open) and return its offline directory."""
     try:
@@ -181,6 +194,12 @@ def run_demo(
         dataset = ByteWindowDataset(
             n_samples=min(max(steps * BATCH_SIZE, 64), 8192), seq_len=SEQ_LEN, seed=seed
         )
+        dashboards, missing = _available_dashboards()
+        for name, package in missing:
+            print(
+                f"  ({name} is not installed: pip install {package}; the demo goes on without it)",
+                file=stream,
+            )
         args = TrainingArguments(
             output_dir=str(out / "trainer"),
             run_name=run_name,
@@ -192,7 +211,7 @@ def run_demo(
             lr_scheduler_type="constant_with_warmup",
             logging_steps=max(1, every),
             save_strategy="no",
-            report_to=["wandb", "tensorboard"],
+            report_to=dashboards,
             use_cpu=True,
             disable_tqdm=not sys.stderr.isatty(),
             dataloader_num_workers=0,
@@ -249,8 +268,9 @@ def _print_outputs(o: DemoOutputs, stream: TextIO) -> None:
     line(f"               open:  python -m webbrowser {o.report.as_uri()}")
     line(f"  run store    {o.store}")
     line(f"               redraw: weibull-monitor report {o.store} -o {o.out / 'report'}")
-    line(f"  TensorBoard  {o.tensorboard}")
-    line(f"               open:  tensorboard --logdir {o.tensorboard}   (then http://localhost:6006)")
+    if o.tensorboard.is_dir():
+        line(f"  TensorBoard  {o.tensorboard}")
+        line(f"               open:  tensorboard --logdir {o.tensorboard}   (then http://localhost:6006)")
     if o.wandb_run is not None:
         line(f"  W&B offline  {o.wandb_run}")
         line(f"               upload when you want: wandb sync {o.wandb_run}")
