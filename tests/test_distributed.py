@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,23 @@ def launch(
     codes = [proc.returncode for proc in procs]
     if any(codes):
         pytest.fail(f"{script} ranks exited with {codes}:\n{_tails(out_dir, world)}")
+
+
+def run_job(cmd: list[str], log_path: Path, timeout: float, port: int) -> str | None:
+    """Run a launcher (torchrun, or a script whose framework starts the other ranks) in its own process group,
+    killed whole on timeout. Returns None on success, else what went wrong with the log's tail."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"timed out after {timeout} s:\n{log_path.read_text()[-6000:]}"
+    if proc.returncode:
+        return f"exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}"
+    return None
 
 
 def _tails(out_dir: Path, world: int) -> str:
@@ -161,3 +179,77 @@ def test_mismatched_entry_lists_give_a_recorded_skip_not_a_hang(shard_results):
 def test_agree_is_a_logical_or_over_ranks(shard_results):
     for result in shard_results:
         assert result["agree"] == [True, False, True]
+
+
+# --- HF Trainer and Lightning under DDP (torchrun, gloo, CPU) -----------------------------------------------------
+
+
+def framework_job(out_dir: Path, framework: str) -> tuple[list[dict], str | None]:
+    script = [str(SCRIPTS / "frameworks_ddp.py"), str(out_dir), framework]
+    port = free_port()
+    if framework == "hf":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), *script]
+    else:  # Lightning starts the second rank itself, as it does for a user's `python train.py`
+        cmd = [sys.executable, *script]
+    problem = run_job(cmd, out_dir / f"{framework}.log", timeout=150, port=port)
+    results = []
+    for rank in range(2):
+        path = out_dir / f"{framework}_rank{rank}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {"errors": {}})
+    return results, problem
+
+
+@pytest.fixture(scope="module")
+def framework_results(tmp_path_factory) -> dict:
+    out_dir = tmp_path_factory.mktemp("frameworks")
+    jobs = {framework: framework_job(out_dir, framework) for framework in ("hf", "lit")}
+    return {"dir": out_dir, "jobs": jobs}
+
+
+def results_of(framework_results: dict, name: str) -> list[dict]:
+    results, problem = framework_results["jobs"][name.split("_")[0]]
+    for result in results:
+        assert name in result, f"no result for {name}: the job {problem}"
+        assert name not in result["errors"], result["errors"][name]
+    return [result[name] for result in results]
+
+
+def store_steps(path: Path) -> tuple[list[dict], list[int], int]:
+    from weibull_monitor.store import RunStore
+
+    store = RunStore(str(path))
+    try:
+        runs = store.runs()
+        steps = store.steps()
+        fits_at_last = len(store.fits(step=steps[-1])) if steps else 0
+    finally:
+        store.close()
+    return runs, steps, fits_at_last
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf", "lit"])
+def test_callbacks_under_ddp_write_one_store_from_rank_zero(framework_results, name):
+    results = results_of(framework_results, name)
+    assert [result["global_step"] for result in results] == [12, 12]
+    if name == "lit":
+        assert results[0]["strategy"] == "DDPStrategy" and results[0]["world_size"] == 2
+    runs, steps, fits_at_last = store_steps(framework_results["dir"] / f"{name}.sqlite")
+    assert len(runs) == 1  # rank 1 (writer=False) opened no run of its own
+    assert steps == [0, 4, 8, 12]  # every due step once: a second writer would have doubled or raced them
+    # The last snapshot: same fits on both ranks, and the store holds one row per fit.
+    last = [result["last_fits"] for result in results]
+    assert last[0]["step"] == last[1]["step"] == 12
+    assert last[0]["fits"] == last[1]["fits"]
+    assert fits_at_last == len(last[0]["fits"]) > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_stop", "lit_stop"])
+def test_a_critical_alert_on_one_rank_stops_every_rank_at_the_same_step(framework_results, name):
+    # The rule fires on rank 1 only, from step 8; agree() makes rank 0 stop too (else DDP would hang).
+    results = results_of(framework_results, name)
+    assert [result["global_step"] for result in results] == [8, 8]
