@@ -64,6 +64,46 @@ def main() -> None:
             )
     print("hist ms: histogram method, whole fit; count ms: fitting the counts alone (included in hist ms);")
     print("ratio: median over repeats of (histogram fit / one vector_norm(w, 1) pass timed just before it)")
+    _whole_model(args.repeats)
+    _anchor_cost()
+
+
+def _whole_model(repeats: int) -> None:
+    """fit_many over every block matrix of a LLaMA-shaped model vs a loop of fit_weibull vs one read pass."""
+    from weibull_monitor.fit import fit_many
+    from weibull_monitor.toy import llama_config_with_params
+
+    config = llama_config_with_params(25e6, hidden_size=512)
+    generator = torch.Generator().manual_seed(1)
+    shapes = []
+    for _ in range(config.num_hidden_layers):
+        h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * 64
+        shapes += [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
+    named = [(f"m{i}", torch.randn(s, generator=generator) * 0.02) for i, s in enumerate(shapes)]
+    tensors = [t for _, t in named]
+    fit_many(named)
+    floor, batched, loop = [], [], []
+    for _ in range(repeats):
+        floor.append(_ms(lambda: [torch.linalg.vector_norm(t, 1) for t in tensors]))
+        batched.append(_ms(fit_many, named))
+        loop.append(_ms(lambda: [fit_weibull(t) for t in tensors]))
+    elements = sum(t.numel() for t in tensors) / 1e6
+    f, b, lp = (statistics.median(v) for v in (floor, batched, loop))
+    print(
+        f"{len(named)} matrices, {elements:.1f}M elements (fp32): read pass {f:.1f} ms, fit_many {b:.1f} ms "
+        f"(ratio {b / f:.2f}), fit_weibull loop {lp:.1f} ms (ratio {lp / f:.2f})"
+    )
+
+
+def _anchor_cost() -> None:
+    """Cost of computing the anchors (done once at import)."""
+    import numpy as np
+
+    from weibull_monitor import _quadrature
+
+    start = time.perf_counter()
+    _quadrature.line_fit_limit(lambda f: np.log(_quadrature.half_normal_quantile(f)))
+    print(f"anchors by quadrature: {(time.perf_counter() - start) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -584,14 +584,24 @@ def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
     device = next((t.device for t in readable if t is not None), torch.device("cpu"))
     raw = torch.zeros(len(readable), N_BINS, dtype=torch.int64, device=device)
     small: list[int] = []
+    cpu_chunks: list[tuple[int, torch.Tensor]] = []  # (row, chunk): spread over the pool across matrices
     with torch.no_grad():
         for i, t in enumerate(readable):
             if t is None:
                 continue
             if t.numel() <= SMALL_ELEMENTS and t.device == device:
                 small.append(i)
+            elif t.device.type == "cpu":
+                cpu_chunks += [(i, c) for c in _chunks(t, CPU_CHUNK_ELEMENTS)]
             else:
                 raw[i] = _raw_counts(t).to(device)
+        threads = min(_pool_size(), len(cpu_chunks))
+        if threads > 1:
+            parts = _thread_pool(threads).map(_bincount, [c for _, c in cpu_chunks])
+        else:
+            parts = (_bincount(c) for _, c in cpu_chunks)
+        for (i, _), part in zip(cpu_chunks, parts):
+            raw[i] += part.to(device)
         for start in range(0, len(small), BATCH_ROWS):
             rows = small[start : start + BATCH_ROWS]
             part = _batched_raw_counts([readable[i] for i in rows])
