@@ -97,6 +97,7 @@ def _wandb_file(root: Path) -> Path:
     return next(root.rglob("run-*.wandb"))
 
 
+@pytest.mark.slow  # ~9 s: W&B starts its service process
 def test_wandb_run_raising_in_log_and_alert(tmp_path, monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
     from weibull_monitor.sinks.wandb_sink import (
@@ -347,7 +348,6 @@ def _full_disk_run(caplog):
     return train, keep, steps, alert_steps, tb_steps
 
 
-@pytest.mark.slow
 def test_full_disk_store_and_other_sinks(tmp_path, caplog):
     pytest.importorskip("tensorboard")
     train, keep, steps, alert_steps, _ = _full_disk_run(caplog)
@@ -362,7 +362,6 @@ def test_full_disk_store_and_other_sinks(tmp_path, caplog):
         assert len(tb_failed) == 1 and "No space left on device" in tb_failed[0], tb_failed
 
 
-@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="TensorBoardSink keeps a SummaryWriter whose event-writer thread died on ENOSPC: every later call "

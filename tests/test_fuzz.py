@@ -388,7 +388,12 @@ def test_unreadable_tensors_give_a_reason_never_an_exception(kind):
         assert not fit.ok and fit.reason
         assert all(math.isnan(getattr(fit, name)) for name in FLOAT_FIELDS)
     hist = WeightHistogram.from_tensor(t)
-    assert hist.reason and not hist.fit().ok and hist.fit().reason == hist.reason
+    fit = hist.fit()
+    assert not fit.ok and fit.reason
+    if kind == "empty":  # an empty shard is a valid (all-zero) histogram that merges with the others
+        assert hist.n == hist.n_zero == hist.n_nonfinite == 0
+    else:
+        assert hist.reason and fit.reason == hist.reason
 
 
 @pytest.mark.xfail(

@@ -200,13 +200,6 @@ def test_symlinks_out_of_the_checkpoint_are_not_followed(tmp_path, cli):
     assert done.returncode == 0 and "up_proj" in done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loaders._step_of_dir reads checkpoint-*/trainer_state.json without the _inside() check, so a link "
-    "to a file outside the checkpoint is read (and a link to /dev/zero or a FIFO would hang the scan). Fix: in "
-    "_series_members pass root/follow_symlinks to _step_of_dir and read the state through _inside(root, state, "
-    "follow_symlinks), falling back to the directory name when it leaves the checkpoint",
-)
 def test_series_step_file_linking_out_is_not_read(tmp_path, cli):
     outside = tmp_path / "outside"
     outside.mkdir()
