@@ -172,7 +172,7 @@ def readable_tensor(tensor: Any) -> tuple[torch.Tensor | None, str | None]:
 
 # Sums over the regression points, in this order. The y-powers and x*y-powers feed the cubic quantile model of the
 # standard errors (docs/estimator.md).
-_MODEL_POINTS = 1 << 16
+_EXACT_CHUNK = 1 << 16  # ranks per step of the exact regression: its float64 temporaries stay in cache
 SUM_NAMES = ("w", "x", "xx", "y", "yy", "xy", "y3", "y4", "y5", "y6", "xy2", "xy3")
 _GL_F, _GL_W = _quadrature._nodes()
 _GL_Y = _quadrature.weibull_y(_GL_F)
@@ -181,21 +181,7 @@ _BAND = _quadrature.F_HI - _quadrature.F_LO
 
 
 def regression_sums(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted sums of SUM_NAMES over the last dimension (float64), shape [..., len(SUM_NAMES)].
-
-    Beyond 65536 points (the exact method on a large matrix), the higher moments that only feed the smooth
-    quantile model of the standard errors are taken on an evenly strided subsample and rescaled.
-    """
-    points = x.shape[-1]
-    if points > _MODEL_POINTS:
-        stride = -(-points // _MODEL_POINTS)
-        main = torch.stack(
-            [w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1), (w * y).sum(-1), (w * y * y).sum(-1)], dim=-1
-        )
-        sub = regression_sums(x[..., ::stride], y[..., ::stride], w[..., ::stride])
-        ratio = main[..., :1] / sub[..., :1]
-        xy = (w * x * y).sum(-1, keepdim=True)
-        return torch.cat([main, xy, sub[..., 6:] * ratio], dim=-1)
+    """Weighted sums of SUM_NAMES over the last dimension (float64), shape [..., len(SUM_NAMES)]."""
     y2 = y * y
     wy = w * y
     wx = w * x
@@ -400,10 +386,14 @@ def _fit_exact(t: torch.Tensor) -> WeibullFit:
     if reason is not None:
         return failed_fit(reason, "exact", n, n_zero, n_nonfinite)
     lo, hi = middle_ranks(n)
-    ranks = torch.arange(lo, hi + 1, dtype=torch.float64, device=a.device)
-    y = torch.log(-torch.log1p(-(ranks - 0.5) / n))
-    x = torch.log(a[lo - 1 : hi].to(torch.float64))
-    sums = regression_sums(x, y, torch.ones_like(x)).cpu().numpy()
+    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=a.device)
+    for start in range(lo, hi + 1, _EXACT_CHUNK):  # ranks start .. stop-1, 1-based
+        stop = min(start + _EXACT_CHUNK, hi + 1)
+        ranks = torch.arange(start, stop, dtype=torch.float64, device=a.device)
+        y = torch.log(-torch.log1p(-(ranks - 0.5) / n))
+        x = torch.log(a[start - 1 : stop - 1].to(torch.float64))
+        sums += regression_sums(x, y, torch.ones_like(x))
+    sums = sums.cpu().numpy()
     h = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64) * n - 0.5
     h = h.clamp(0.0, n - 1.0)
     base = h.floor().long()
