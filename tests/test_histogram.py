@@ -201,6 +201,7 @@ def test_any_split_merges_back(rows, cols, cut, dtype, seed):
 def test_batch_equals_single_histograms_and_fits(monkeypatch):
     monkeypatch.setattr(H, "SMALL_ELEMENTS", 5000)  # some rows share a bincount, others are counted alone
     monkeypatch.setattr(H, "BATCH_ROWS", 2)
+    monkeypatch.setattr(H, "FIT_BLOCK_ROWS", 3)  # the fit runs in row blocks, still one transfer at the end
     tensors = [
         torch.randn(40, 40),
         (torch.randn(30, 50) * 3).to(torch.bfloat16),

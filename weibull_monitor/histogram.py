@@ -235,6 +235,10 @@ def _tables(device: torch.device) -> torch.Tensor:
 # Fitting counts
 
 
+FIT_BLOCK_ROWS = 128
+"""Rows fitted together: bounds the [rows, N_BINS] temporaries (~32 MB each) for batches of any size."""
+
+
 def _fit_counts(
     counts: torch.Tensor, kinds: Sequence[str], reasons: Sequence[str | None]
 ) -> list[WeibullFit]:
@@ -242,6 +246,38 @@ def _fit_counts(
     m = counts.shape[0]
     if m == 0:
         return []
+    kind_idx = torch.tensor([KINDS.index(k) for k in kinds], device=counts.device)
+    blocks = [
+        _fit_rows_on_device(counts[i : i + FIT_BLOCK_ROWS], kind_idx[i : i + FIT_BLOCK_ROWS])
+        for i in range(0, m, FIT_BLOCK_ROWS)
+    ]
+    host = torch.cat(blocks).cpu().numpy()  # the one host sync of the batch
+    n_sums = len(SUM_NAMES)
+    n_all, n_zero, n_nonfinite, span_all = (host[:, i].astype(np.int64) for i in range(4))
+    fits = fits_from_sums(
+        host[:, 4 : 4 + n_sums],
+        n=n_all,
+        n_zero=n_zero,
+        n_nonfinite=n_nonfinite,
+        method="histogram",
+        quantiles=host[:, 4 + n_sums :],
+    )
+    for i, (kind, reason) in enumerate(zip(kinds, reasons)):
+        why = reason or too_few_reason(int(n_all[i]), int(n_zero[i]), int(n_nonfinite[i]))
+        if why is None and kind not in EXACT_KINDS and span_all[i] < MIN_CODE_SPAN:
+            why = (
+                f"the middle 80% of |w| spans only {int(span_all[i])} bf16 codes, too few to interpolate inside "
+                "them: use method='exact'"
+            )
+        if why is not None:
+            fits[i] = failed_fit(why, "histogram", int(n_all[i]), int(n_zero[i]), int(n_nonfinite[i]))
+    return fits
+
+
+def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.Tensor:
+    """[rows, 4 + len(SUM_NAMES) + 5] float64 on the counts' device: (n, n_zero, n_nonfinite, codes spanned by
+    the middle band), the regression sums, the quantiles. No host sync, except free ones on CPU.
+    """
     device = counts.device
     mags = counts[:, :N_BINS]
     cum = mags.cumsum(1)
@@ -267,7 +303,6 @@ def _fit_counts(
     f = (pos / safe_n).clamp(1e-12, 1 - 1e-12)
     y = torch.log(-torch.log1p(-f))
 
-    kind_idx = torch.tensor([KINDS.index(k) for k in kinds], device=device)
     rounded = kind_idx < len(EXACT_KINDS)
     step_rows = rounded & exact_rows
     x = _lookup(cum, mags, pos, kind_idx, step_rows)
@@ -312,28 +347,7 @@ def _fit_counts(
         ],
         dim=1,
     )
-    host = torch.cat([header, sums, quant], dim=1).cpu().numpy()  # the one host sync of the batch
-
-    n_all, n_zero, n_nonfinite, span_all = (host[:, i].astype(np.int64) for i in range(4))
-    n_sums = sums.shape[1]
-    fits = fits_from_sums(
-        host[:, 4 : 4 + n_sums],
-        n=n_all,
-        n_zero=n_zero,
-        n_nonfinite=n_nonfinite,
-        method="histogram",
-        quantiles=host[:, 4 + n_sums :],
-    )
-    for i, (kind, reason) in enumerate(zip(kinds, reasons)):
-        why = reason or too_few_reason(int(n_all[i]), int(n_zero[i]), int(n_nonfinite[i]))
-        if why is None and kind not in EXACT_KINDS and span_all[i] < MIN_CODE_SPAN:
-            why = (
-                f"the middle 80% of |w| spans only {int(span_all[i])} bf16 codes, too few to interpolate inside "
-                "them: use method='exact'"
-            )
-        if why is not None:
-            fits[i] = failed_fit(why, "histogram", int(n_all[i]), int(n_zero[i]), int(n_nonfinite[i]))
-    return fits
+    return torch.cat([header, sums, quant], dim=1)
 
 
 _EULER_GAMMA = 0.5772156649015329
