@@ -141,8 +141,10 @@ class WeibullCallback(Callback):
             logger.warning("several optimizers: learning rates and weight decay are read from the first only")
         if self.monitor is not None:
             self.monitor.close()
+        # trainer.log_dir broadcasts from rank 0: a collective, so every rank asks, unconditionally.
+        log_dir = self._log_dir(trainer)
         if writer and self.store_path is None:
-            self.store_path = store_path(self.settings, self._log_dir(trainer))
+            self.store_path = store_path(self.settings, log_dir)
         self.monitor = build_monitor(
             self.settings,
             pl_module,
