@@ -159,19 +159,25 @@ def _finalise(raw: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:
     """Raw code counts [M, N_BINS] -> count rows [M, N_COLUMNS]: zeros and Inf/NaN moved to their own columns."""
     counts = torch.zeros(raw.shape[0], N_COLUMNS, dtype=torch.int64, device=raw.device)
     counts[:, :N_BINS] = raw
-    counts[:, ZERO_COLUMN] = raw[:, 0]
+    _move_special_columns(counts, kinds)
+    return counts
+
+
+def _move_special_columns(counts: torch.Tensor, kinds: Sequence[str]) -> None:
+    """In place on [M, N_COLUMNS] rows whose code columns hold raw counts: code 0 -> ZERO_COLUMN, Inf/NaN codes ->
+    NONFINITE_COLUMN."""
+    counts[:, ZERO_COLUMN] = counts[:, 0]
     counts[:, 0] = 0
     for kind in set(kinds):
         first = _FIRST_NONFINITE_CODE[kind]
         rows = [i for i, k in enumerate(kinds) if k == kind]
         if len(rows) == len(kinds):
-            counts[:, NONFINITE_COLUMN] = raw[:, first:].sum(1)
+            counts[:, NONFINITE_COLUMN] = counts[:, first:N_BINS].sum(1)
             counts[:, first:N_BINS] = 0
         else:
-            index = torch.tensor(rows, device=raw.device)
-            counts[index, NONFINITE_COLUMN] = raw[index, first:].sum(1)
+            index = torch.tensor(rows, device=counts.device)
+            counts[index, NONFINITE_COLUMN] = counts[index, first:N_BINS].sum(1)
             counts[index, first:N_BINS] = 0
-    return counts
 
 
 def _batched_raw_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -596,7 +602,8 @@ def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
         reasons.append(reason)
         kinds.append(histogram_kind(t.dtype) if t is not None else "fp32")
     device = next((t.device for t in readable if t is not None), torch.device("cpu"))
-    raw = torch.zeros(len(readable), N_BINS, dtype=torch.int64, device=device)
+    counts = torch.zeros(len(readable), N_COLUMNS, dtype=torch.int64, device=device)
+    raw = counts[:, :N_BINS]  # filled in place: no second [M, N_COLUMNS] copy
     small: list[int] = []
     cpu_chunks: list[tuple[int, torch.Tensor]] = []  # (row, chunk): spread over the pool across matrices
     with torch.no_grad():
@@ -620,5 +627,5 @@ def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
             rows = small[start : start + BATCH_ROWS]
             part = _batched_raw_counts([readable[i] for i in rows])
             raw[torch.tensor(rows, device=device)] = part
-        counts = _finalise(raw, kinds)
+        _move_special_columns(counts, kinds)
     return HistogramBatch(counts, kinds, reasons)
