@@ -6,8 +6,10 @@ tensorboardX, Lightning's ``TensorBoardLogger.experiment``); it is imported lazi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.sinks.base import Sink
@@ -135,19 +137,37 @@ class TensorBoardSink(Sink):
             register_layout(self._writer)
         return self._writer
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """The writer for one call. An owned writer that fails with an OSError (a full disk: its event thread
+        dies and re-raises the stored error on every later call) is dropped, so the next call opens a fresh
+        event file in ``log_dir`` and TensorBoard recovers once there is space again. The error still
+        propagates: the guard reports it."""
+        try:
+            yield self.writer  # the layout is written on first use, so it is inside the guarded part too
+        except OSError:
+            broken, self._writer = (self._writer, None) if self._owns_writer else (None, self._writer)
+            if broken is not None:
+                with contextlib.suppress(Exception):
+                    broken.close()
+            raise
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        writer = self.writer
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            writer.add_scalar(key, number, int(step))
-        writer.flush()
+        with self._writing() as writer:
+            for key, value in metrics.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                writer.add_scalar(key, number, int(step))
+            writer.flush()
 
     def log_alert(self, alert: Alert) -> None:
-        writer = self.writer
         self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
+        with self._writing() as writer:
+            self._write_alert(writer, alert)
+
+    def _write_alert(self, writer: Any, alert: Alert) -> None:
         writer.add_scalar(f"weibull/alerts/{alert.level}", self._alert_counts[alert.level], int(alert.step))
         writer.add_text(
             f"weibull/alerts/{alert.rule}",
@@ -157,11 +177,11 @@ class TensorBoardSink(Sink):
         writer.flush()
 
     def log_snapshot(self, snapshot: Snapshot) -> None:
-        writer = self.writer
-        for key, value in reference_scalars(snapshot).items():
-            if math.isfinite(value):
-                writer.add_scalar(key, value, int(snapshot.step))
-        writer.flush()
+        with self._writing() as writer:
+            for key, value in reference_scalars(snapshot).items():
+                if math.isfinite(value):
+                    writer.add_scalar(key, value, int(snapshot.step))
+            writer.flush()
 
     def close(self) -> None:
         if self._owns_writer and self._writer is not None:
