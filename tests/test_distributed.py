@@ -123,7 +123,17 @@ def assert_identical_on_ranks(results: list[dict], name: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "name",
-    ["ddp", "ddp_exact", "fsdp2_llama", "fsdp2_neox", "fsdp2_gpt2", "zero3_neox", "zero3_gpt2"],
+    [
+        "ddp",
+        "ddp_exact",
+        "fsdp2_llama",
+        "fsdp2_neox",
+        "fsdp2_gpt2",
+        "zero3_neox",
+        "zero3_gpt2",
+        "fsdp1_neox",
+        "fsdp1_gpt2",
+    ],
 )
 def test_distributed_fits_equal_single_process_fits(shard_results, name):
     for result in shard_results:
@@ -146,13 +156,17 @@ def test_deepspeed_zero3_partitions_give_the_single_process_fits(shard_results, 
 
 
 @pytest.mark.distributed
-def test_fsdp2_parameters_are_read_as_shards(shard_results):
-    # Every LLaMA matrix under fully_shard is a DTensor read shard by shard (none fell back to "replicated").
-    assert shard_results[0]["fsdp2_llama_kinds"] == ["sharded"]
+def test_fsdp_parameters_are_read_as_shards(shard_results):
+    # Every matrix under fully_shard (DTensor) or registered FSDP1 is read shard by shard, none as "replicated".
+    for name in ("fsdp2_llama", "fsdp1_neox", "fsdp1_gpt2"):
+        assert shard_results[0][f"{name}_kinds"] == ["sharded"], name
+    assert shard_results[0]["fsdp1_neox_registered"] > 0
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["fsdp2_neox", "fsdp2_gpt2", "zero3_neox", "zero3_gpt2"])
+@pytest.mark.parametrize(
+    "name", ["fsdp2_neox", "fsdp2_gpt2", "zero3_neox", "zero3_gpt2", "fsdp1_neox", "fsdp1_gpt2"]
+)
 def test_split_views_of_shards_cover_exactly_the_component(shard_results, name):
     # The union over ranks of each split view's local slices is exactly the component's elements (as a multiset).
     values = shard_results[0][f"{name}_values"]

@@ -8,6 +8,8 @@ Layouts understood here:
 
 - ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel): the local shard ``to_local()``; a shard replicated over a
   mesh dimension counts only on coordinate 0 of that dimension, so replicas are not counted twice.
+- FSDP1 (``use_orig_params=True``) original parameters registered by ``distributed.register_fsdp1``: each is a
+  1-D view of this rank's slice ``[start, stop)`` of its flattened matrix (FSDP's padding lies outside it).
 - DeepSpeed ZeRO-3 parameters: the flat partition ``ds_tensor`` (rank ``r`` of the parameter's ``ds_process_group``
   holds flat elements ``[r * p, (r + 1) * p)`` of the row-major flattened matrix, ``p = ds_tensor.ds_numel``, the last
   partition padded past ``ds_numel``); the padding is cut off. ``GatheredParameters`` is never used.
@@ -84,15 +86,33 @@ def is_zero3(tensor: object) -> bool:
     return getattr(tensor, "ds_tensor", None) is not None and hasattr(tensor, "ds_numel")
 
 
+FSDP1_ATTR = "_weibull_fsdp1"
+"""Set by ``distributed.register_fsdp1`` on FSDP1 (use_orig_params=True) parameters: (shape, start, stop, sharded)."""
+
+
+def fsdp1_slice(tensor: object) -> tuple[torch.Size, int, int, bool] | None:
+    return getattr(tensor, FSDP1_ATTR, None)
+
+
+def is_fsdp1_shard(tensor: object) -> bool:
+    """True for a registered FSDP1 original parameter whose data is this rank's flat slice of it."""
+    tag = fsdp1_slice(tensor)
+    return tag is not None and tag[3]
+
+
 def is_sharded(tensor: object) -> bool:
-    """True when the tensor's elements are spread over ranks (DTensor or ZeRO-3 partition)."""
-    return is_dtensor(tensor) or is_zero3(tensor)
+    """True when the tensor's elements are spread over ranks (DTensor, ZeRO-3 partition, registered FSDP1 shard)."""
+    return is_dtensor(tensor) or is_zero3(tensor) or is_fsdp1_shard(tensor)
 
 
 def global_shape(tensor: torch.Tensor) -> torch.Size:
-    """The full (unsharded) shape: ``ds_shape`` for ZeRO-3 (whose ``.shape`` is empty), else ``.shape``."""
+    """The full (unsharded) shape: ``ds_shape`` for ZeRO-3 and the recorded shape for FSDP1 (their ``.shape`` is
+    the local flat slice), else ``.shape``."""
     if is_zero3(tensor):
         return torch.Size(tensor.ds_shape)
+    tag = fsdp1_slice(tensor)
+    if tag is not None:
+        return torch.Size(tag[0])
     return tensor.shape
 
 
@@ -146,7 +166,21 @@ def local_share(tensor: torch.Tensor) -> list[torch.Tensor]:
     if is_zero3(tensor):
         _, flat = _zero3_partition(tensor)
         return [flat] if flat.numel() else []
+    if is_fsdp1_shard(tensor):
+        _, flat = _fsdp1_flat(tensor)
+        return [flat] if flat.numel() else []
     raise Skip(SKIP_UNREADABLE)
+
+
+def _fsdp1_flat(param: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(global flat start, local flat elements) of an FSDP1 original parameter's slice on this rank."""
+    _, start, stop, _ = fsdp1_slice(param)
+    flat = param.detach().reshape(-1)
+    if flat.numel() != stop - start:
+        raise Skip(
+            SKIP_UNREADABLE
+        )  # unsharded right now (inside forward/backward): never read a gathered view
+    return start, flat
 
 
 # --- boxes of the local shard in global coordinates --------------------------------------------------------------
@@ -208,10 +242,10 @@ def _dtensor_offset(dt: torch.Tensor) -> tuple[int, ...] | None:
         return tuple(offset)
 
 
-def _zero3_boxes(param: torch.Tensor) -> list[Box]:
-    """The flat partition cut into at most three boxes: a partial first row, whole rows, a partial last row."""
+def _flat_boxes(param: torch.Tensor, start: int, flat: torch.Tensor) -> list[Box]:
+    """A flat slice [start, start + len) of the row-major matrix cut into at most three boxes: a partial first
+    row, whole rows, a partial last row (ZeRO-3 partitions, FSDP1 flat shards)."""
     _, cols = _as_rows_cols(global_shape(param))
-    start, flat = _zero3_partition(param)
     end = start + flat.numel()
     boxes: list[Box] = []
     pos = start
@@ -235,7 +269,9 @@ def local_boxes(parent: torch.Tensor) -> list[Box]:
     if is_dtensor(parent):
         return _dtensor_box(parent)
     if is_zero3(parent):
-        return _zero3_boxes(parent)
+        return _flat_boxes(parent, *_zero3_partition(parent))
+    if is_fsdp1_shard(parent):
+        return _flat_boxes(parent, *_fsdp1_flat(parent))
     raise Skip(SKIP_UNREADABLE)
 
 

@@ -30,7 +30,15 @@ import torch
 from weibull_monitor import _shards
 from weibull_monitor._shards import Skip, global_shape, is_sharded
 
-__all__ = ["agree", "compute_fits", "global_shape", "is_active", "is_sharded", "split_views"]
+__all__ = [
+    "agree",
+    "compute_fits",
+    "global_shape",
+    "is_active",
+    "is_sharded",
+    "register_fsdp1",
+    "split_views",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,32 @@ def split_views(name: str, param: torch.Tensor, config: Any, **kwargs: Any) -> d
         # A copy (not a view of the proxy) has lost the geometry that says which elements it holds.
         setattr(view, _LAYOUT_OK_ATTR, view._base is proxy or view is proxy)
     return views
+
+
+def register_fsdp1(model: torch.nn.Module) -> int:
+    """Record, on each original parameter of an FSDP1 model (``use_orig_params=True``), which flat slice of its
+    matrix this rank holds, so that it is read as a shard. Returns how many parameters were registered.
+
+    FSDP1 replaces every original parameter's data by a 1-D view of this rank's slice; nothing on the parameter
+    itself says which slice, so this reads FSDP's own bookkeeping (the flat parameter's shard infos) once. Call
+    it after wrapping, on every rank. The parameters keep their identity across steps, so once is enough.
+    """
+    count = 0
+    for module in model.modules():
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        params = getattr(flat, "_params", None)
+        if flat is None or params is None:  # not FSDP1, or use_orig_params=False (no original parameters)
+            continue
+        sharded = bool(getattr(handle, "uses_sharded_strategy", True))
+        for param, shape, info in zip(params, flat._shapes, flat._shard_param_infos):
+            if info.in_shard:
+                start, stop = int(info.intra_param_start_idx), int(info.intra_param_end_idx) + 1
+            else:
+                start = stop = 0
+            setattr(param, _shards.FSDP1_ATTR, (torch.Size(shape), start, stop, sharded))
+            count += 1
+    return count
 
 
 # --- planning -----------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def entries_for(model, config, shadow=None, role_map=None):
     params = dict(model.named_parameters())
     entries = []
     for name, role in (role_map or roles.model_roles(model)).items():
-        tensor = (shadow or {}).get(name, params[name])
+        tensor = shadow[name] if shadow and name in shadow else params[name]
         entries.append(MatrixEntry(name, name, tensor, role))
         if roles.fused_components(role):
             for component, view in distributed.split_views(name, tensor, config).items():
@@ -273,6 +273,40 @@ def check_zero3_deepspeed(out: dict) -> None:
         out[f"ds_{name}_after_step"] = {"dist": fits_json(after), "ref": fits_json(dict(fit_many(named)))}
 
 
+def check_fsdp1(out: dict) -> None:
+    """FSDP1 with use_orig_params=True: the attention module wrapped on its own (its flat shard boundary falls
+    inside the fused QKV weight), then the root; parameters registered with distributed.register_fsdp1."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from weibull_monitor import distributed, roles
+
+    for name, model in fused_models().items():
+        role_map = roles.model_roles(model)
+        reference, full = reference_fits(model, model.config)
+        if name == "neox":
+            model.gpt_neox.layers[0].attention = FSDP(
+                model.gpt_neox.layers[0].attention, use_orig_params=True, device_id=torch.device("cpu")
+            )
+        else:
+            model.transformer.h[0].attn = FSDP(
+                model.transformer.h[0].attn, use_orig_params=True, device_id=torch.device("cpu")
+            )
+        wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+        out[f"fsdp1_{name}_registered"] = distributed.register_fsdp1(wrapped)
+        params = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in wrapped.named_parameters()}
+        out[f"fsdp1_{name}_kinds"] = sorted({distributed._kind(params[n]) for n in role_map})
+        entries = entries_for(model, model.config, shadow=params, role_map=role_map)
+        out[f"fsdp1_{name}"] = {
+            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "ref": fits_json(reference),
+        }
+        values = gathered_share_values(entries)
+        out[f"fsdp1_{name}_values"] = {
+            key: [values[key] == sorted(full[key].reshape(-1).float().tolist()), len(values[key])]
+            for key in values
+        }
+
+
 def check_agree(out: dict) -> None:
     from weibull_monitor import distributed
 
@@ -293,6 +327,7 @@ def main() -> None:
         check_fsdp2,
         check_fused_fsdp2,
         check_zero3_standin,
+        check_fsdp1,
         check_zero3_deepspeed,
     ):
         start = time.perf_counter()
