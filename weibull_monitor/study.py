@@ -126,7 +126,8 @@ class StudyConfig:
     seq_len: int = 64
     t_over_tau: float = 5.0  # train each setting until Σ η_t·λ_wd reaches this
     # linear warmup over this many τ, then constant η: a full-rate start grows λ coherently for a few steps and
-    # overshoots the equilibrium (measured: ~1.6x at T/τ ≈ 0.5 without it), which hides the slow rise
+    # overshoots the equilibrium (measured on the quick preset with 0.1 τ of warmup: λ/√(η/λ_wd) peaked at 0.52-0.60
+    # near T/τ 0.5 and fell to 0.30-0.37 by T/τ 3.5), which turns the rise of λ/λ_first into a fall
     warmup_tau: float = 1.0
     snapshots: int = 40  # at least this many snapshots per run (plus the initial one)
     betas: tuple[float, float] = (0.9, 0.95)
