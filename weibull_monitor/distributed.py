@@ -14,8 +14,9 @@ them; one object all-gather shares the fits, so every matrix is fitted once and 
 Collectives per snapshot: three tiny all-reduces (entry-list check with agreed skips, used code span), the
 reduce-scatter of the counts and the all-gather of the fits.
 
-Extra memory per rank: the ``[M, N_COLUMNS]`` counts (8 bytes x 32770 per matrix, plus a copy cut to the used
-code span for the collective) and the histogram engine's chunk-sized temporaries; never a matrix.
+Extra memory per rank: the histogram engine's count rows for the pieces this rank holds (8 bytes x 32770 each),
+the ``[M, span]`` buffer that is reduced, the ``[M/world, N_COLUMNS]`` block it fits, and the engine's chunk-sized
+temporaries; never a matrix.
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
 
     exact = method == "exact"
     histogrammed = [not skips[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
-    counts = _local_counts(pieces, histogrammed, device, world)
-    block, first_row = _reduce_scatter_counts(counts, rank, world)
-    del counts
+    batches = _local_counts(pieces, histogrammed, device)
+    block, first_row = _reduce_scatter_counts(batches, n, device, rank, world)
+    del batches
 
     mine: dict[int, Any] = {}
     rows = [i for i in range(first_row, min(n, first_row + block.shape[0])) if histogrammed[i]]
@@ -288,65 +289,73 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
 
 
 def _local_counts(
-    pieces: Sequence[Sequence[torch.Tensor]], wanted: Sequence[bool], device: torch.device, world: int
-) -> torch.Tensor:
-    """This rank's counts, int64 [n padded to a multiple of world, N_COLUMNS]; rows it holds nothing of stay 0."""
+    pieces: Sequence[Sequence[torch.Tensor]], wanted: Sequence[bool], device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's counts as (row indices, int64 [pieces, N_COLUMNS]) batches, one per histogram engine call."""
     from weibull_monitor import histogram
 
-    n = len(pieces)
-    padded = max(world, -(-n // world) * world)
-    counts = torch.zeros((padded, histogram.N_COLUMNS), dtype=torch.int64, device=device)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     batch: list[torch.Tensor] = []
     rows: list[int] = []
 
     def flush() -> None:
         if batch:
             part = histogram.histogram_batch(batch).counts.to(device)
-            counts.index_add_(0, torch.tensor(rows, device=device), part)
+            batches.append((torch.tensor(rows, device=device), part))
             batch.clear()
             rows.clear()
 
-    for i in range(n):
+    for i, matrix_pieces in enumerate(pieces):
         if not wanted[i]:
             continue
-        for piece in pieces[i]:
+        for piece in matrix_pieces:
             batch.append(piece)
             rows.append(i)
             if len(batch) >= _PIECES_PER_CALL:
                 flush()
     flush()
-    return counts
+    return batches
 
 
-def _reduce_scatter_counts(counts: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
-    """Sum the counts over ranks; rank r gets rows [r*B, (r+1)*B) complete. Returns (block, first row).
+def _reduce_scatter_counts(
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device, rank: int, world: int
+) -> tuple[torch.Tensor, int]:
+    """Sum the counts of n matrices over ranks; rank r gets rows [r*B, (r+1)*B) complete: (block, first row).
 
-    Only the magnitude codes some rank actually saw travel: weights occupy a few thousand of the 32768 codes,
-    so the columns are cut to the span agreed with one tiny all-reduce (MAX of -first, last) first.
+    Only the magnitude codes some rank actually saw travel: weights occupy a few thousand of the 32768 codes, so
+    the columns are cut to the span agreed with one tiny all-reduce (MAX of -first, last) first, and the buffer
+    that is reduced is [n, span + 2], never [n, N_COLUMNS].
     """
     import torch.distributed as dist
 
     from weibull_monitor import histogram
 
     n_bins = histogram.N_BINS
-    used = torch.nonzero(counts[:, :n_bins].sum(0)).reshape(-1)
-    first, last = (int(used[0]), int(used[-1])) if used.numel() else (n_bins, -1)
-    span = torch.tensor([-first, last], dtype=torch.int64, device=counts.device)
+    first, last = n_bins, -1
+    for _, part in batches:
+        used = torch.nonzero(part[:, :n_bins].any(0)).reshape(-1)
+        if used.numel():
+            first, last = min(first, int(used[0])), max(last, int(used[-1]))
+    span = torch.tensor([-first, last], dtype=torch.int64, device=device)
     dist.all_reduce(span, op=dist.ReduceOp.MAX)
     first, last = -int(span[0]), int(span[1])
     width = max(0, last - first + 1)
-    packed = torch.cat([counts[:, first : first + width], counts[:, n_bins:]], dim=1).contiguous()
-    rows_per_rank = counts.shape[0] // world
-    part = torch.empty((rows_per_rank, packed.shape[1]), dtype=packed.dtype, device=packed.device)
+
+    rows_per_rank = max(1, -(-n // world))
+    packed = torch.zeros((rows_per_rank * world, width + 2), dtype=torch.int64, device=device)
+    for rows, part in batches:  # index_add: several pieces (shard slices) may add to one matrix's row
+        packed[:, :width].index_add_(0, rows, part[:, first : first + width])
+        packed[:, width:].index_add_(0, rows, part[:, n_bins:])
+    mine = torch.empty((rows_per_rank, width + 2), dtype=torch.int64, device=device)
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     try:
-        scatter(part, packed, op=dist.ReduceOp.SUM)
+        scatter(mine, packed, op=dist.ReduceOp.SUM)
     except (RuntimeError, NotImplementedError):  # a backend without reduce-scatter: sum everything instead
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        part = packed[rank * rows_per_rank : (rank + 1) * rows_per_rank]
-    block = torch.zeros((rows_per_rank, histogram.N_COLUMNS), dtype=torch.int64, device=counts.device)
-    block[:, first : first + width] = part[:, :width]
-    block[:, n_bins:] = part[:, width:]
+        mine = packed[rank * rows_per_rank : (rank + 1) * rows_per_rank]
+    block = torch.zeros((rows_per_rank, histogram.N_COLUMNS), dtype=torch.int64, device=device)
+    block[:, first : first + width] = mine[:, :width]
+    block[:, n_bins:] = mine[:, width:]
     return block, rank * rows_per_rank
 
 
