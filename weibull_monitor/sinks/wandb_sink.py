@@ -141,7 +141,8 @@ def render_k_heatmap(history: KHistory, anchor: float | None = None) -> Any:
         axes.set_xlabel("step")
         axes.set_ylabel("layer")
         figure.colorbar(image, ax=axes, fraction=0.05)
-    figure.tight_layout()
+    # Fixed margins: tight_layout measured a third of the render time (~0.5 s of ~1 s here).
+    figure.subplots_adjust(left=0.05, right=0.97, bottom=0.22, top=0.88, wspace=0.3)
     figure.canvas.draw()
     rgba = np.asarray(figure.canvas.buffer_rgba())
     return rgba[..., :3].copy()
