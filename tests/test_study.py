@@ -106,7 +106,7 @@ def test_neox_fused_qkv_is_followed_through_the_study(tmp_path):
         assert run.attention_kind == "fused"
         fused = run.k["qkv (fused)"]
         assert len(fused) == len(run.steps) >= 4 and all(math.isfinite(v) for v in fused)
-    assert "qkv k" in study.format_summary(result)
+    assert "qkv k" in study.format_summary(result) and not result.skipped
     with pytest.raises(FileExistsError):
         study.run_study(config, tmp_path, figures=False, log=lambda _: None)
 
@@ -143,7 +143,9 @@ def test_settings_and_schedule():
     with pytest.raises(ValueError):
         study.StudyConfig(settings=(setting,))
     with pytest.raises(ValueError):
-        study.StudyConfig(settings=(setting, setting), arch="gpt2")
+        study.StudyConfig(settings=(setting, study.Setting(1e-3, 1.0)), arch="gpt2")
+    with pytest.raises(study.StudyError, match="share a run name"):
+        study.StudyConfig(settings=(study.Setting(1e-3, 1.0), study.Setting(1.0001e-3, 1.0)))
 
 
 def test_command_line_errors_are_one_line_messages(tmp_path, capsys):
@@ -161,5 +163,17 @@ def test_analyse_store_needs_two_usable_runs(tmp_path):
     with pytest.raises(FileNotFoundError):
         study.analyse_store(tmp_path / "missing.sqlite")
     RunStore(tmp_path / "empty.sqlite").close()
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(study.StudyError, match="at least two"):
         study.analyse_store(tmp_path / "empty.sqlite")
+    # a run without an optimizer (no η, no λ_wd) is named with its reason, not silently dropped
+    from weibull_monitor.monitor import WeibullMonitor
+    from weibull_monitor.toy import tiny_llama
+
+    model = tiny_llama(0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    with WeibullMonitor(
+        model, None, every=1, store=tmp_path / "plain.sqlite", run_name="no-optimizer"
+    ) as monitor:
+        monitor.observe(0)
+        monitor.observe(1)
+    with pytest.raises(study.StudyError, match="no-optimizer: no Transmission matrix in an optimizer group"):
+        study.analyse_store(tmp_path / "plain.sqlite")

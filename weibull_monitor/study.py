@@ -138,6 +138,9 @@ class StudyConfig:
             raise StudyError("a scaling study needs at least two (lr, weight_decay) settings")
         if self.arch not in ("llama", "neox"):
             raise StudyError(f"arch must be 'llama' or 'neox', got {self.arch!r}")
+        names = [s.name for s in self.settings]
+        if len(set(names)) < len(names):  # one run per setting: equal names would resume one run
+            raise StudyError(f"two settings share a run name (equal to 3 significant digits): {names}")
         if self.t_over_tau <= 0 or self.snapshots < 1 or self.warmup_tau < 0:
             raise StudyError("t_over_tau must be > 0, snapshots >= 1 and warmup_tau >= 0")
 
@@ -281,10 +284,11 @@ def train_setting(
             monitor.observe(step)
         if steps % every:
             monitor.snapshot(steps)  # the terminal state is always measured
+        reached = monitor.last_snapshot.T_over_tau if monitor.last_snapshot is not None else None
     seconds = time.perf_counter() - started
     tail = losses[-max(1, len(losses) // 10) :]
     log(
-        f"  {setting.name}: {steps} steps (every {every}), T/τ {config.t_over_tau:g}, "
+        f"  {setting.name}: {steps} steps (every {every}), T/τ {reached if reached is not None else math.nan:.2f}, "
         f"final loss {statistics.mean(tail):.3f} (mean of the last 10%), {seconds:.1f} s"
     )
     return {"steps": steps, "every": every, "seconds": seconds, "final_loss": statistics.mean(tail)}
@@ -390,6 +394,7 @@ class StudyResult:
     store: Path | None = None
     figures: list[Path] = field(default_factory=list)
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # per run: steps, seconds, final loss
+    skipped: dict[str, str] = field(default_factory=dict)  # run name -> why the analysis could not use it
 
     @property
     def sqrt_span(self) -> float:
@@ -417,14 +422,15 @@ def _nan_median(values: list[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
-def load_run_result(store: Any, run: dict[str, Any]) -> RunResult | None:
-    """One run's series from an open :class:`RunStore`; None (with nothing drawn from it) when the run has no
-    decayed Transmission matrices or no T/τ: the scaling law needs both."""
+def load_run_result(store: Any, run: dict[str, Any]) -> tuple[RunResult | None, str | None]:
+    """One run's series from an open :class:`RunStore`, or (None, why) when the study cannot use it: no decayed
+    Transmission matrices, fewer than two snapshots with T/τ, or no Transmission scale at the last snapshot (a
+    diverged run: its weights stopped fitting). Such runs are reported, never silently left out."""
     run_id = int(run["run_id"])
     fits = store.fits(run_id=run_id)
     rates = _decayed_rates(fits)
     if rates is None:
-        return None
+        return None, "no Transmission matrix in an optimizer group with weight decay (λ_wd > 0)"
     metrics: dict[int, dict[str, float]] = {}
     for row in store.aggregates(run_id=run_id):
         if row["value"] is not None:
@@ -438,20 +444,22 @@ def load_run_result(store: Any, run: dict[str, Any]) -> RunResult | None:
         {**s, "T_over_tau": 0.0} if int(s["step"]) == 0 and s.get("T_over_tau") is None else s
         for s in store.snapshots(run_id)
     ]
+    if snaps and TRANSMISSION_SCALE not in metrics.get(int(snaps[-1]["step"]), {}):
+        return None, f"no Transmission scale at the last snapshot (step {snaps[-1]['step']}): diverged?"
     snaps = [
         s
         for s in snaps
         if s.get("T_over_tau") is not None and TRANSMISSION_SCALE in metrics.get(int(s["step"]), {})
     ]
     if len(snaps) < 2:
-        return None
+        return None, f"{len(snaps)} snapshot(s) with T/τ and a Transmission scale; at least 2 needed"
     steps = [int(s["step"]) for s in snaps]
     classes = ("selection", "value", "transmission")
     k = {c: [metrics[s].get(K_MEDIAN.format(klass=c), math.nan) for s in steps] for c in classes}
     if fused:
         k["qkv (fused)"] = [_nan_median(fused.get(s, [])) for s in steps]
     kinds = [s.get("attention_kind") for s in snaps if s.get("attention_kind")]
-    return RunResult(
+    result = RunResult(
         name=str(run["name"]),
         lr=rates[0],
         weight_decay=rates[1],
@@ -464,6 +472,7 @@ def load_run_result(store: Any, run: dict[str, Any]) -> RunResult | None:
         k=k,
         attention_kind=kinds[-1] if kinds else run.get("attention_kind"),
     )
+    return result, None
 
 
 def analyse_store(store_path: str | Path) -> StudyResult:
@@ -474,11 +483,20 @@ def analyse_store(store_path: str | Path) -> StudyResult:
     path = Path(store_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such run store")
+    runs: list[RunResult] = []
+    skipped: dict[str, str] = {}
     with RunStore(path) as store:
-        runs = [r for r in (load_run_result(store, run) for run in store.runs()) if r is not None]
+        for run in store.runs():
+            result, reason = load_run_result(store, run)
+            if result is None:
+                skipped[str(run["name"])] = reason or "unusable"
+            else:
+                runs.append(result)
     if len(runs) < 2:
+        why = "".join(f"; {name}: {reason}" for name, reason in skipped.items())
         raise StudyError(
-            f"{path}: {len(runs)} run(s) with decayed Transmission matrices and T/τ; the study needs at least two"
+            f"{path}: {len(runs)} usable run(s) with decayed Transmission matrices and T/τ; "
+            f"the study needs at least two{why}"
         )
     runs.sort(key=lambda r: (r.sqrt_lr_over_wd, r.tau))
     x = [r.sqrt_lr_over_wd for r in runs]
@@ -491,6 +509,7 @@ def analyse_store(store_path: str | Path) -> StudyResult:
         intercept=intercept,
         through_origin=sum(a * b for a, b in zip(x, y)) / sum(a * a for a in x),
         store=path,
+        skipped=skipped,
     )
 
 
@@ -513,6 +532,8 @@ def format_summary(result: StudyResult) -> str:
         + (f" {'qkv k':>13}" if fused else "")
     )
     lines = [header, "-" * len(header)]
+    for name, reason in result.skipped.items():
+        lines.append(f"{name:<22} skipped: {reason}")
     for r in result.runs:
         first = r.scale[0] / r.growth[0] if r.growth[0] else math.nan
         lines.append(
