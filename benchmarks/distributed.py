@@ -9,7 +9,7 @@ Runs, each in fresh processes (one torch thread per process, as one device per r
 and prints the median snapshot wall and CPU time per rank (after one cold snapshot), the speed-up of ddp2 over ws1 (target >= 1.6x; the 2 cores of this
 machine are shared with other work, so the figure is noisy) and the peak extra resident memory per rank during a
 snapshot (the first, cold one: VmHWM reset through /proc/self/clear_refs just before it), next to the largest matrix and the count
-buffer (M x N_COLUMNS int64) for scale.
+rows (M x N_COLUMNS int64) for scale.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def worker(mode: str, params: float, repeats: int, hidden: int) -> dict:
     # snapshot: later ones reuse heap pages that glibc keeps, which would hide the peak.
     smallest = min(range(len(entries)), key=lambda i: entries[i].tensor.numel())
     with torch.no_grad():
-        snapshot.compute_fits(entries if world > 1 else [entries[smallest]], "histogram")
+        snapshot.compute_fits([entries[smallest]], "histogram")  # the same subset on every rank
     rss_before = _vm_kib("VmRSS")
     peak_reset = _reset_peak()
     one()
@@ -155,7 +155,7 @@ def main() -> None:
     first = runs["ws1"][0]
     print(
         f"model: LLaMA-shaped, {first['elements'] / 1e6:.1f}M elements in {first['matrices']} matrices; "
-        f"largest matrix {first['largest_matrix_mb']:.1f} MB fp32; count buffer {first['count_buffer_mb']:.1f} MB"
+        f"largest matrix {first['largest_matrix_mb']:.1f} MB fp32; count rows M x N_COLUMNS {first['count_buffer_mb']:.1f} MB"
     )
     print(f"{'mode':<6} {'rank':>4} {'wall s':>8} {'cpu s':>8} {'extra peak MB':>14}")
     for mode, results in runs.items():
