@@ -282,3 +282,27 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     history = read_run_history(wait_for_run_file(wandb_file))
     assert [r["train/global_step"] for r in history if "weibull/selection/k_median" in r] == [0, 5, 10]
+
+
+def test_callback_state_survives_json_and_bad_options_are_refused():
+    from weibull_monitor.integrations._common import CallbackSettings, from_json_safe, json_safe
+
+    state = {"sums": (1.5, float("nan")), "first": {"w": torch.tensor(0.25)}, "inf": float("-inf"), "n": None}
+    round_trip = from_json_safe(json.loads(json.dumps(json_safe(state), allow_nan=False)))
+    assert round_trip["first"] == {"w": 0.25} and round_trip["n"] is None
+    assert (
+        round_trip["sums"][0] == 1.5 and math.isnan(round_trip["sums"][1]) and round_trip["inf"] == -math.inf
+    )
+    with pytest.raises(TypeError, match="cannot be stored as JSON"):
+        json_safe({"bad": object()})
+    for bad in ({"every": 0}, {"every": 2.5}, {"heatmap_every": -1}, {"alert_wait_s": -1.0}):
+        with pytest.raises(ValueError):
+            CallbackSettings(**bad)
+    with pytest.raises(ValueError):
+        WeibullCallback(every=0)
+    exported = WeibullCallback(
+        every=7, store=Path("x.sqlite"), include=("*q_proj*",), rules=[collapse_rule()]
+    ).state()
+    json.dumps(exported, allow_nan=False)  # what transformers writes into trainer_state.json
+    assert exported["args"]["store"] == "x.sqlite" and exported["args"]["include"] == ["*q_proj*"]
+    assert "rules" not in exported["args"]  # objects are not exported: transformers could not rebuild them
