@@ -57,8 +57,9 @@ KINDS = ("bf16", "fp16", "fp32")
 EXACT_KINDS = ("bf16", "fp16")  # every element equals its code's value
 _FIRST_NONFINITE_CODE = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F80}  # exponent all ones: Inf and NaN
 
-CPU_CHUNK_ELEMENTS = 1 << 20
-"""Elements coded per step on CPU: the int16 codes of a chunk (2 MB) stay in cache between coding and counting."""
+CPU_CHUNK_ELEMENTS = 1 << 21
+"""Elements coded per step on CPU, into a reused 4 MB int16 buffer per thread (measured on 2 cores: 2M beats 1M by
+~15% and 256K by ~2x, the per-call bincount output costing more than the cache misses)."""
 DEVICE_CHUNK_ELEMENTS = 1 << 26
 """Elements coded per step on an accelerator: bounds the temporary codes to 128 MB whatever the matrix size."""
 SMALL_ELEMENTS = 1 << 16
