@@ -133,6 +133,7 @@ def assert_identical_on_ranks(results: list[dict], name: str) -> None:
         "zero3_gpt2",
         "fsdp1_neox",
         "fsdp1_gpt2",
+        "monitor_fsdp2",
     ],
 )
 def test_distributed_fits_equal_single_process_fits(shard_results, name):

@@ -209,6 +209,25 @@ def check_fused_fsdp2(out: dict) -> None:
         }
 
 
+def check_monitor_fsdp2(out: dict) -> None:
+    """The user path: WeibullMonitor on an FSDP2 model with a fused QKV (collect_entries -> split_views ->
+    compute_fits); rank 0 writes the store, rank 1 writes nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    from weibull_monitor.monitor import WeibullMonitor
+
+    rank = dist.get_rank()
+    model = fused_models()["neox"]
+    reference, _ = reference_fits(model, model.config)
+    for layer in model.gpt_neox.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    store = str(Path(sys.argv[1]) / "monitor_fsdp2.sqlite") if rank == 0 else None
+    with WeibullMonitor(model, every=1, store=store, writer=rank == 0) as monitor:
+        snapshot = monitor.snapshot(0)
+    out["monitor_fsdp2"] = {"dist": fits_json(snapshot.fits), "ref": fits_json(reference)}
+
+
 def check_zero3_standin(out: dict) -> None:
     from weibull_monitor import distributed
 
@@ -328,6 +347,7 @@ def main() -> None:
         check_fused_fsdp2,
         check_zero3_standin,
         check_fsdp1,
+        check_monitor_fsdp2,
         check_zero3_deepspeed,
     ):
         start = time.perf_counter()
