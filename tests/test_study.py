@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +53,11 @@ def test_quick_study_scale_rises_with_t_over_tau_in_every_run(quick_run):
         assert run.t_over_tau[-1] >= 3.0
         assert len(run.steps) >= 31  # the initial snapshot and at least 30 during training
         assert run.t_over_tau == sorted(run.t_over_tau)
-        # start against end (the final λ is well above the first) and the rank correlation over the whole run
+        # start against end, and the last third of the run against the first third: λ saturates at its
+        # equilibrium, so a rank correlation over the flat part is mostly noise (measured: +0.18 to +0.80)
         assert run.terminal_growth > 1.5, run.name
-        assert run.growth_spearman > 0, run.name
+        third = len(run.growth) // 3
+        assert statistics.fmean(run.growth[-third:]) > 1.2 * statistics.fmean(run.growth[:third]), run.name
     # the same seed: every run starts from the same weights
     assert len({round(r.scale[0], 12) for r in result.runs}) == 1
 
