@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--every", type=int, default=None, help="observe every N steps (default: steps / 30)")
     demo.add_argument("--seed", type=int, default=0)
+
+    from weibull_monitor import study
+
+    study.build_parser(
+        commands.add_parser(
+            "study",
+            help="reproduce the paper's scale dynamics on a CPU: several (lr, wd) settings into one store",
+            description=(
+                "Train one small model from one seed at several AdamW (lr, weight decay) settings with the "
+                "monitor attached; terminal lambda against sqrt(lr/wd), growth and k against T/tau."
+            ),
+        )
+    )
     return parser
 
 
@@ -136,6 +149,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from weibull_monitor.study import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from weibull_monitor.report import ReportError
     from weibull_monitor.store import StoreError
 
-    handlers = {"scan": _scan, "report": _report, "demo": _demo}
+    handlers = {"scan": _scan, "report": _report, "demo": _demo, "study": _study}
     try:
         with warnings.catch_warnings():
             if args.command != "demo":  # the demo's libraries keep their own warning format
