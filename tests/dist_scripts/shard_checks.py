@@ -275,6 +275,14 @@ def check_zero3_deepspeed(out: dict) -> None:
             "dist": fits_json(distributed.compute_fits(entries, "histogram")),
             "ref": fits_json(reference),
         }
+        if name == "neox":  # the user path: WeibullMonitor on the ZeRO-3 model (rank 0 would write)
+            from weibull_monitor.monitor import WeibullMonitor
+
+            with WeibullMonitor(engine.module, every=1, store=None, writer=dist.get_rank() == 0) as monitor:
+                out["ds_monitor_neox"] = {
+                    "dist": fits_json(monitor.snapshot(0).fits),
+                    "ref": fits_json(reference),
+                }
         ids = torch.arange(32).reshape(1, 32) % 256
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
