@@ -6,7 +6,10 @@ swapped on every repeat so drift of a shared CPU cancels); a monitored block end
 exactly one snapshot (fits, dynamics, alerts, SQLite write, LoggingSink-free) plus the per-step cost of the
 optimizer hook and ``observe``. Printed per model:
 
-- ``measured``: total time of monitored blocks / total time of plain blocks - 1 (noisy on a shared CPU);
+- ``measured``: total wall time of monitored blocks / total wall time of plain blocks - 1 (noisy on a shared CPU,
+  where other processes change the speed from block to block);
+- ``cpu``: the same ratio of this process's CPU time (``time.process_time``), which other processes on a shared
+  machine barely disturb;
 - ``components``: (median snapshot time + every x per-step cost) / (every x median plain step time), from
   timings of the pieces themselves in the same run (insensitive to block-to-block noise). Target: <= 1%.
 
@@ -71,6 +74,7 @@ def main() -> None:
         step_times.clear()
         store = Path(tempfile.mkdtemp()) / "overhead.sqlite"
         plain, monitored, snapshot_s = [], [], []
+        plain_cpu, monitored_cpu = [], []
         global_step = 0
         for repeat in range(args.repeats):
             for mode in ("plain", "monitored") if repeat % 2 == 0 else ("monitored", "plain"):
@@ -78,19 +82,21 @@ def main() -> None:
                 if mode == "monitored":
                     monitor = WeibullMonitor(model, optimizer, every=args.every, store=store, run_name=name)
                     _ = monitor.roles  # role map once per run, not per snapshot
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 for _ in range(args.every):
                     global_step += 1
                     train_step()
                     if monitor is not None:
                         monitor.observe(global_step)
-                elapsed = time.perf_counter() - started
+                elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
                 if monitor is not None:
                     snapshot_s.append(monitor.last_snapshot.duration_s)
                     monitor.close()
                     monitored.append(elapsed)
+                    monitored_cpu.append(elapsed_cpu)
                 else:
                     plain.append(elapsed)
+                    plain_cpu.append(elapsed_cpu)
         # per-step cost of the monitor away from due steps: optimizer hook + observe (timed in isolation)
         monitor = WeibullMonitor(model, optimizer, every=10**9, store=None, rules=[])
         n = 2000
@@ -103,13 +109,14 @@ def main() -> None:
 
         step_s = statistics.median(step_times)
         measured = sum(monitored) / sum(plain) - 1
+        measured_cpu = sum(monitored_cpu) / sum(plain_cpu) - 1
         components = (statistics.median(snapshot_s) + args.every * per_step_s) / (args.every * step_s)
         print(
             f"{name:>5}: {n_params / 1e6:6.1f}M params, {model.config.num_hidden_layers} layers | "
             f"step {step_s * 1e3:8.1f} ms | snapshot {statistics.median(snapshot_s) * 1e3:7.1f} ms | "
             f"hook+observe {per_step_s * 1e6:5.1f} us/step | overhead measured {measured * 100:+6.2f}% "
             f"(blocks plain {', '.join(f'{t:.1f}' for t in plain)} s; monitored {', '.join(f'{t:.1f}' for t in monitored)} s) "
-            f"| components {components * 100:.3f}%"
+            f"| cpu {measured_cpu * 100:+6.2f}% | components {components * 100:.3f}%"
         )
 
 
