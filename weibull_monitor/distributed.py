@@ -88,9 +88,9 @@ def split_views(name: str, param: torch.Tensor, config: Any, **kwargs: Any) -> d
     """``roles.split_fused`` that never gathers: use it in place of ``roles.split_fused`` when collecting entries.
 
     For a plain tensor this is ``roles.split_fused(name, param, config, as_matrix=False)`` (strided views). For a
-    sharded parameter (DTensor, ZeRO-3) slicing would gather the full matrix, so the split is applied to a ``meta``
-    tensor of the global shape instead: the returned views hold no data, only which elements each component takes, and
-    :func:`compute_fits` reads those elements from the local shard of ``param``.
+    sharded parameter (DTensor, ZeRO-3, registered FSDP1) slicing would gather the full matrix, so the split is
+    applied to a ``meta`` tensor of the global shape instead: the returned views hold no data, only which elements
+    each component takes, and :func:`compute_fits` reads those elements from the local shard of ``param``.
     """
     from weibull_monitor import roles
 
@@ -214,6 +214,8 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     """
     import torch.distributed as dist
 
+    if method not in ("histogram", "exact"):  # same on every rank, so raising here cannot split the ranks
+        raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors = [_entry_tensor(e) for e in entries]
     kinds = [_kind(t) for t in tensors]
