@@ -134,6 +134,12 @@ def assert_identical_on_ranks(results: list[dict], name: str) -> None:
         "fsdp1_neox",
         "fsdp1_gpt2",
         "monitor_fsdp2",
+        "dtensor_shard_cols_neox",
+        "dtensor_shard_cols_gpt2",
+        "dtensor_replicate_neox",
+        "dtensor_replicate_gpt2",
+        "dtensor_mesh2d_neox",
+        "dtensor_mesh2d_gpt2",
     ],
 )
 def test_distributed_fits_equal_single_process_fits(shard_results, name):

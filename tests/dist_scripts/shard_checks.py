@@ -228,6 +228,44 @@ def check_monitor_fsdp2(out: dict) -> None:
     out["monitor_fsdp2"] = {"dist": fits_json(snapshot.fits), "ref": fits_json(reference)}
 
 
+def check_dtensor_placements(out: dict) -> None:
+    """Tensor-parallel style placements on the fused weights: Shard(1) (columns), Replicate (counted once), and a
+    2-D mesh (1, 2) with (Shard(0), Replicate()) as in HSDP layouts (replicas must not be counted twice)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from weibull_monitor import distributed, roles
+    from weibull_monitor.snapshot import MatrixEntry
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # Shard over a mesh dimension of size 1, replicate over the 2 ranks: only coordinate 0 may count.
+    mesh2d = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("shard", "replicate"))
+    layouts = {
+        "shard_cols": (mesh, [Shard(1)]),
+        "replicate": (mesh, [Replicate()]),
+        "mesh2d": (mesh2d, [Shard(0), Replicate()]),
+    }
+    for model_name, model in fused_models().items():
+        reference, _ = reference_fits(model, model.config)
+        role_map = roles.model_roles(model)
+        params = dict(model.named_parameters())
+        for layout, (device_mesh, placements) in layouts.items():
+            entries = []
+            for name, role in role_map.items():
+                tensor = distribute_tensor(params[name].detach(), device_mesh, placements)
+                entries.append(MatrixEntry(name, name, tensor, role))
+                if roles.fused_components(role):
+                    for component, view in distributed.split_views(name, tensor, model.config).items():
+                        key = roles.split_key(name, component)
+                        entries.append(
+                            MatrixEntry(key, name, view, roles.view_role(name, role, component), component)
+                        )
+            out[f"dtensor_{layout}_{model_name}"] = {
+                "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+                "ref": fits_json(reference),
+            }
+
+
 def check_zero3_standin(out: dict) -> None:
     from weibull_monitor import distributed
 
@@ -353,6 +391,7 @@ def main() -> None:
         check_ddp,
         check_fsdp2,
         check_fused_fsdp2,
+        check_dtensor_placements,
         check_zero3_standin,
         check_fsdp1,
         check_monitor_fsdp2,
