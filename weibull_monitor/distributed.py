@@ -256,19 +256,17 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     exact = method == "exact"
     histogrammed = [not skips[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
     batches = _local_counts(pieces, histogrammed, device)
-    block, first_row = _reduce_scatter_counts(batches, n, device, rank, world)
+    packed_block, first_row, first_code = _reduce_scatter_counts(batches, n, device, rank, world)
     del batches
 
     mine: dict[int, Any] = {}
-    rows = [i for i in range(first_row, min(n, first_row + block.shape[0])) if histogrammed[i]]
+    rows = [i for i in range(first_row, min(n, first_row + packed_block.shape[0])) if histogrammed[i]]
     if rows:
         from weibull_monitor import histogram
 
-        local_rows = torch.tensor([i - first_row for i in rows], device=block.device)
-        batch = histogram.HistogramBatch(
-            block.index_select(0, local_rows), [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
-        )
-        mine.update(zip(rows, batch.fit_all()))
+        counts = _unpack(packed_block, [i - first_row for i in rows], first_code)
+        kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
+        mine.update(zip(rows, histogram.HistogramBatch(counts, kinds_of_rows).fit_all()))
     if exact:
         from weibull_monitor.fit import fit_weibull
 
@@ -321,12 +319,13 @@ def _local_counts(
 
 def _reduce_scatter_counts(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device, rank: int, world: int
-) -> tuple[torch.Tensor, int]:
-    """Sum the counts of n matrices over ranks; rank r gets rows [r*B, (r+1)*B) complete: (block, first row).
+) -> tuple[torch.Tensor, int, int]:
+    """Sum the counts of n matrices over ranks; rank r gets rows [r*B, (r+1)*B) complete.
 
     Only the magnitude codes some rank actually saw travel: weights occupy a few thousand of the 32768 codes, so
-    the columns are cut to the span agreed with one tiny all-reduce (MAX of -first, last) first, and the buffer
-    that is reduced is [n, span + 2], never [n, N_COLUMNS].
+    the columns are cut to the span [first code, last code] agreed with one tiny all-reduce (MAX of -first, last)
+    first, and the buffer that is reduced is [n, span + 2] (the span, then the zero and non-finite columns), never
+    [n, N_COLUMNS]. Returns (this rank's packed block [B, span + 2], its first row, the first code).
     """
     import torch.distributed as dist
 
@@ -355,10 +354,19 @@ def _reduce_scatter_counts(
     except (RuntimeError, NotImplementedError):  # a backend without reduce-scatter: sum everything instead
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         mine = packed[rank * rows_per_rank : (rank + 1) * rows_per_rank]
-    block = torch.zeros((rows_per_rank, histogram.N_COLUMNS), dtype=torch.int64, device=device)
-    block[:, first : first + width] = mine[:, :width]
-    block[:, n_bins:] = mine[:, width:]
-    return block, rank * rows_per_rank
+    return mine, rank * rows_per_rank, first
+
+
+def _unpack(packed: torch.Tensor, rows: Sequence[int], first_code: int) -> torch.Tensor:
+    """Full count rows [len(rows), N_COLUMNS] (what the fit engine reads) from packed rows [span + 2]."""
+    from weibull_monitor import histogram
+
+    width = packed.shape[1] - 2
+    index = torch.tensor(rows, device=packed.device)
+    counts = torch.zeros((len(rows), histogram.N_COLUMNS), dtype=torch.int64, device=packed.device)
+    counts[:, first_code : first_code + width] = packed.index_select(0, index)[:, :width]
+    counts[:, histogram.N_BINS :] = packed.index_select(0, index)[:, width:]
+    return counts
 
 
 def _mismatch(entries: Sequence[Any], why: str) -> dict[str, Any]:
