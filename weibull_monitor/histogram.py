@@ -18,6 +18,7 @@ NONFINITE_COLUMN.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -154,7 +155,39 @@ def _thread_pool(size: int) -> ThreadPoolExecutor:
     pool = _POOLS.get(size)
     if pool is None:
         pool = _POOLS[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="weibull-histogram")
+        if size > 1:
+            _serial_workers(pool, size)
     return pool
+
+
+def _serial_workers(pool: ThreadPoolExecutor, size: int) -> None:
+    """Give each worker one intra-op thread: the pool already keeps every core busy, and a worker whose elementwise
+    coding opened its own OpenMP team would oversubscribe the cores (measured on 2 cores: 12 ms instead of 20 ms
+    for a 4096x4096 fp32 histogram).
+
+    With OpenMP, torch.set_num_threads sets the calling thread's own thread count (plus a process-wide default
+    for threads not yet started), so each worker sets 1 for itself and the calling thread then restores the
+    process-wide value; its own and the user's other threads keep theirs. Best effort: any failure leaves the
+    workers as they are.
+    """
+    previous = torch.get_num_threads()
+    ready = threading.Barrier(size + 1)
+
+    def pin() -> int:
+        torch.get_num_threads()  # this thread's lazy initialisation happens before the change, not after it
+        torch.set_num_threads(1)
+        ready.wait(timeout=10)  # every task on its own worker thread
+        return torch.get_num_threads()
+
+    try:
+        with contextlib.suppress(Exception):  # a backend that refuses: the workers run as they are
+            futures = [pool.submit(pin) for _ in range(size)]
+            ready.wait(timeout=10)
+            for future in futures:
+                future.result(timeout=10)
+    finally:
+        with contextlib.suppress(RuntimeError):  # it refused to change anything then
+            torch.set_num_threads(previous)
 
 
 def _bincount(chunk: torch.Tensor) -> torch.Tensor:
