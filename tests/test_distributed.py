@@ -211,6 +211,19 @@ def test_mismatched_entry_lists_give_a_recorded_skip_not_a_hang(shard_results):
 
 
 @pytest.mark.distributed
+def test_a_failure_on_one_rank_is_an_agreed_skip_not_a_hang(shard_results):
+    for result in shard_results:
+        failure = result["local_failure"]
+        victim = failure["victim"]
+        ok, reason = failure["fits"][victim][6:8]
+        assert ok is False and "could not be read or counted on some rank" in reason, reason
+        others = {k: v for k, v in failure["fits"].items() if k != victim}
+        assert others and all(row[6] for row in others.values())
+        assert all(others[k][:6] == failure["ref"][k][:6] for k in others)
+    assert shard_results[0]["local_failure"]["fits"] == shard_results[1]["local_failure"]["fits"]
+
+
+@pytest.mark.distributed
 def test_agree_is_a_logical_or_over_ranks(shard_results):
     for result in shard_results:
         assert result["agree"] == [True, False, True]

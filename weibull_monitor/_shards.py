@@ -38,6 +38,7 @@ SKIP_LAYOUT = 3
 SKIP_UNREADABLE = 4
 SKIP_DTYPE = 5
 SKIP_GROUP = 6
+SKIP_FAILED = 7
 SKIP_REASONS = {
     SKIP_PARTIAL: "sharded tensor holds partial sums (Partial placement): its values are not weights yet",
     SKIP_OFFLOADED: "ZeRO-3 partition is not in memory (NVMe offload): not read to avoid swapping it in",
@@ -45,6 +46,7 @@ SKIP_REASONS = {
     SKIP_UNREADABLE: "sharded tensor of an unknown kind: skipped, never gathered",
     SKIP_DTYPE: "not a real floating-point dtype (integer, quantized or complex weights): dequantize first",
     SKIP_GROUP: "ZeRO-3 partition group smaller than the world (MiCS / hpZ replicas): not supported yet",
+    SKIP_FAILED: "could not be read or counted on some rank (its log says why): skipped on every rank",
 }
 
 

@@ -233,14 +233,19 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
         except Skip as skip:
             skip_codes[i] = skip.code
             pieces.append([])
-        except (
-            Exception
-        ) as error:  # a layout this module does not know: recorded, never fatal, never gathered
+        except Exception as error:
+            # A layout this module does not know: recorded, never fatal, never gathered.
             log.warning("weibull-monitor: cannot read the local share of %s: %r", entries[i].key, error)
-            skip_codes[i] = _shards.SKIP_UNREADABLE
+            skip_codes[i] = _shards.SKIP_FAILED
             pieces.append([])
 
+    # All local work that could fail happens before the first collective: a failure becomes a skip code that the
+    # header below makes every rank agree on, so no rank is left waiting in a collective the others never reach.
+    exact = method == "exact"
     device = _collective_device()
+    wanted = [not skip_codes[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
+    batches = _local_counts(pieces, wanted, device, skip_codes, entries)
+
     signature = _signature(entries)
     # The header's length depends on n: agree on n alone first, so that mismatched lists fail cleanly, not hang.
     size_check = torch.tensor([n, -n], dtype=torch.int64, device=device)
@@ -253,9 +258,7 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
         return _mismatch(entries, "ranks hold different matrices (names or shapes differ)")
     skips = header[2:].tolist()
 
-    exact = method == "exact"
     histogrammed = [not skips[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
-    batches = _local_counts(pieces, histogrammed, device)
     packed_block, first_row, first_code = _reduce_scatter_counts(batches, n, device, rank, world)
     del batches
 
@@ -289,21 +292,41 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
 
 
 def _local_counts(
-    pieces: Sequence[Sequence[torch.Tensor]], wanted: Sequence[bool], device: torch.device
+    pieces: Sequence[Sequence[torch.Tensor]],
+    wanted: Sequence[bool],
+    device: torch.device,
+    skip_codes: list[int],
+    entries: Sequence[Any],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's counts as (row indices, int64 [pieces, N_COLUMNS]) batches, one per histogram engine call."""
+    """This rank's counts as (row indices, int64 [pieces, N_COLUMNS]) batches, one per histogram engine call.
+
+    A batch the engine cannot count is retried piece by piece; a matrix whose piece still fails gets the
+    ``SKIP_FAILED`` code in ``skip_codes`` (agreed across ranks afterwards), never an exception.
+    """
     from weibull_monitor import histogram
 
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     batch: list[torch.Tensor] = []
     rows: list[int] = []
 
+    def count(tensors: list[torch.Tensor], at: list[int]) -> None:
+        part = histogram.histogram_batch(tensors).counts.to(device)
+        batches.append((torch.tensor(at, device=device), part))
+
     def flush() -> None:
-        if batch:
-            part = histogram.histogram_batch(batch).counts.to(device)
-            batches.append((torch.tensor(rows, device=device), part))
-            batch.clear()
-            rows.clear()
+        if not batch:
+            return
+        try:
+            count(batch, rows)
+        except Exception:
+            for piece, row in zip(batch, rows):
+                try:
+                    count([piece], [row])
+                except Exception as error:
+                    log.warning("weibull-monitor: cannot count %s here: %r", entries[row].key, error)
+                    skip_codes[row] = _shards.SKIP_FAILED
+        batch.clear()
+        rows.clear()
 
     for i, matrix_pieces in enumerate(pieces):
         if not wanted[i]:

@@ -142,6 +142,30 @@ def check_ddp(out: dict) -> None:
     sizes = [e.tensor.numel() for e in entries]
     owners = distributed._owners(sizes, dist.get_world_size())
     out["ddp_load"] = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(dist.get_world_size())]
+    # A local failure on one rank only (fault injected into rank 1's histogram engine for one matrix it owns):
+    # that matrix is skipped with the reason on both ranks, the others are fitted, nothing hangs.
+    from weibull_monitor import histogram
+
+    victim = next(i for i, owner in enumerate(owners) if owner == 1)
+    real_batch = histogram.histogram_batch
+
+    def failing_batch(tensors):
+        target = entries[victim].tensor
+        if dist.get_rank() == 1 and any(
+            t.data_ptr() == target.data_ptr() and t.shape == target.shape for t in tensors
+        ):
+            raise RuntimeError("injected fault")
+        return real_batch(tensors)
+
+    histogram.histogram_batch = failing_batch
+    try:
+        out["local_failure"] = {
+            "victim": entries[victim].key,
+            "fits": fits_json(distributed.compute_fits(entries, "histogram")),
+            "ref": fits_json(reference),
+        }
+    finally:
+        histogram.histogram_batch = real_batch
     # Mismatched entry lists: a clean not-ok result on every rank, not a hang.
     short = entries[:-1] if dist.get_rank() == 1 else entries
     out["mismatch"] = fits_json(distributed.compute_fits(short, "histogram"))
