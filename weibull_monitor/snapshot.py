@@ -97,7 +97,9 @@ def collect_entries(
             if skipped is not None:
                 skipped[name] = "no such parameter in the model"
             continue
-        tensor = param.detach()
+        # the parameter itself, not .detach(): a detached ZeRO-3 parameter loses its ds_tensor partition; fits
+        # and splits run under no_grad, so nothing joins the autograd graph
+        tensor = param
         if _is_meta(tensor):
             if skipped is not None:
                 skipped[name] = "meta tensor (not materialised); skipped"
@@ -108,7 +110,8 @@ def collect_entries(
         if not components:
             continue
         try:
-            views = _split(name, tensor, config)
+            with torch.no_grad():
+                views = _split(name, tensor, config)
         except Exception as error:  # a layout the role map cannot split: keep the fused fit, record why
             if skipped is not None:
                 skipped[roles_module.split_key(name, "*")] = f"split failed: {type(error).__name__}: {error}"
@@ -127,9 +130,9 @@ def compute_fits(entries: Sequence[MatrixEntry], method: str = "histogram") -> d
         from weibull_monitor import distributed
     except ImportError:
         distributed = None
-    if distributed is not None and distributed.is_active():
-        return dict(distributed.compute_fits(entries, method))
-    from weibull_monitor.fit import fit_many
+    with torch.no_grad():  # entries hold the parameters themselves
+        if distributed is not None and distributed.is_active():
+            return dict(distributed.compute_fits(entries, method))
+        from weibull_monitor.fit import fit_many
 
-    with torch.no_grad():
         return dict(fit_many([(entry.key, entry.tensor) for entry in entries], method=method))
