@@ -88,7 +88,7 @@ def run_hf(out_dir: Path, name: str, max_steps: int, rules=None, stop: bool = Fa
         logging_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        ddp_timeout=30,  # seconds: a deadlock fails fast instead of hanging CI
+        ddp_timeout=60,  # seconds: a deadlock fails fast instead of hanging CI
     )
     trainer = Trainer(
         model=tiny_llama(seed=0, **MODEL),
@@ -127,7 +127,7 @@ def run_lightning(out_dir: Path, name: str, max_steps: int, rules=None, stop: bo
         accelerator="cpu",
         devices=2,
         # strategy="ddp", with a collective timeout so that a deadlock fails in seconds instead of hanging CI
-        strategy=DDPStrategy(timeout=timedelta(seconds=30)),
+        strategy=DDPStrategy(timeout=timedelta(seconds=60)),
         max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
