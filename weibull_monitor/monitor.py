@@ -290,7 +290,11 @@ class WeibullMonitor:
             budget=self.budget,
             aggregate_excluded=fused_parents,
         )
-        sizes = {e.key: params[e.param_name].numel() for e in entries if e.component is None}
+        sizes = {  # ZeRO-3 parameters hold no data locally (numel 0); ds_numel is the full size
+            e.key: int(getattr(params[e.param_name], "ds_numel", 0) or params[e.param_name].numel())
+            for e in entries
+            if e.component is None
+        }
         t_over_tau = dynamics.representative_budget(sizes, group_of, self.budget)
         return Snapshot(
             step=step,
