@@ -22,6 +22,11 @@ _LAZY = {
     "Snapshot": "weibull_monitor.monitor",
     "RunStore": "weibull_monitor.store",
     "Alert": "weibull_monitor.alerts",
+    "Rule": "weibull_monitor.alerts",
+    "Breach": "weibull_monitor.alerts",
+    "AlertEngine": "weibull_monitor.alerts",
+    "default_rules": "weibull_monitor.alerts",
+    "LoggingSink": "weibull_monitor.sinks",
     "Role": "weibull_monitor.roles",
 }
 
