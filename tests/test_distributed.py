@@ -163,11 +163,6 @@ def test_deepspeed_zero3_partitions_give_the_single_process_fits(shard_results, 
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeibullMonitor finds no matrix in a ZeRO-3 model yet: roles.model_roles must take shapes from "
-    "distributed.global_shape (a ZeRO-3 parameter's .shape is [0]); compute_fits is tested above",
-)
 def test_weibull_monitor_on_a_deepspeed_zero3_model(shard_results):
     if str(shard_results[0]["deepspeed"]).startswith("unavailable"):
         pytest.skip(f"DeepSpeed {shard_results[0]['deepspeed']}")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from weibull_monitor import dynamics, expectations
+from weibull_monitor._shards import global_shape
 from weibull_monitor.alerts import LOGGING_LEVELS, Alert, AlertEngine, Rule, default_rules
 from weibull_monitor.sinks.base import Sink
 from weibull_monitor.sinks.guard import GuardedSink
@@ -290,10 +291,8 @@ class WeibullMonitor:
             budget=self.budget,
             aggregate_excluded=fused_parents,
         )
-        sizes = {  # ZeRO-3 parameters hold no data locally (numel 0); ds_numel is the full size
-            e.key: int(getattr(params[e.param_name], "ds_numel", 0) or params[e.param_name].numel())
-            for e in entries
-            if e.component is None
+        sizes = {  # ZeRO-3 and FSDP1 parameters hold a local slice: weigh each matrix by its full size
+            e.key: global_shape(params[e.param_name]).numel() for e in entries if e.component is None
         }
         t_over_tau = dynamics.representative_budget(sizes, group_of, self.budget)
         return Snapshot(

@@ -363,6 +363,8 @@ def model_roles(model: torch.nn.Module, overrides: Any = None) -> dict[str, Role
     the first name ``named_parameters`` gives them. Unrecognised 2-D weights are classed ``other`` and listed in
     one :class:`UnknownWeightsWarning`. ``overrides`` (regex -> component) win over the built-in rules.
     """
+    from weibull_monitor._shards import global_shape  # ZeRO-3 / FSDP1 parameters hold a local slice only
+
     compiled = _compile_overrides(overrides)
     config = getattr(model, "config", None)
     names = [name for name, _ in model.named_parameters()]
@@ -373,7 +375,7 @@ def model_roles(model: torch.nn.Module, overrides: Any = None) -> dict[str, Role
     roles: dict[str, Role] = {}
     unknown: list[str] = []
     for name, param in model.named_parameters():  # deduplicates tied parameters
-        role, recognised = _classify(name, param.shape, config, compiled, encoder_decoder)
+        role, recognised = _classify(name, global_shape(param), config, compiled, encoder_decoder)
         if role is None:
             continue
         roles[name] = role
@@ -423,8 +425,10 @@ def attention_kind(model_or_config: Any, names: Iterable[str] | None = None) -> 
         kv_heads = heads if kv_heads is None else kv_heads
         return _kind_from_heads(int(heads), int(kv_heads))
     if model is not None and "q" in components and "k" in components:
+        from weibull_monitor._shards import global_shape
+
         params = dict(model.named_parameters())
-        q_rows, k_rows = params[components["q"]].shape[0], params[components["k"]].shape[0]
+        q_rows, k_rows = global_shape(params[components["q"]])[0], global_shape(params[components["k"]])[0]
         return "mha" if q_rows == k_rows else "gqa"
     return None  # separate Q/K but neither head counts nor shapes: GQA cannot be told from MHA
 
