@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-TOTAL_STEPS = 40
+TOTAL_STEPS = 200  # long enough that no life outruns the timed kill window (0-0.4 s) before 20 kills
 CHECKPOINT_EVERY = 4
 
 
