@@ -117,9 +117,7 @@ def test_chunked_threaded_counting_equals_one_bincount(monkeypatch, dtype):
     torch.set_num_threads(2)  # the thread pool spreads the chunks
     try:
         threaded = counts_of(w)
-        # The pool's workers run single-threaded ops, but the caller's own setting is left as it was.
-        assert torch.get_num_threads() == 2
-        assert H._thread_pool(2).submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2  # the caller's own setting is left as it was
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(threaded, _reference_counts(w))

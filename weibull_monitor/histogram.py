@@ -18,13 +18,11 @@ NONFINITE_COLUMN.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -157,7 +155,6 @@ def _chunks(t: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_PREFIX = "weibull-histogram"
-_T = TypeVar("_T")
 
 
 def _pool_size() -> int:
@@ -170,56 +167,7 @@ def _thread_pool(size: int) -> ThreadPoolExecutor:
     pool = _POOLS.get(size)
     if pool is None:
         pool = _POOLS[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix=_POOL_PREFIX)
-        if size > 1:
-            _serial_workers(pool, size)
     return pool
-
-
-def _serial_workers(pool: ThreadPoolExecutor, size: int) -> None:
-    """Give each worker one intra-op thread: the pool already keeps every core busy, and a worker whose elementwise
-    coding opened its own OpenMP team would oversubscribe the cores (measured on 2 cores: 12 ms instead of 20 ms
-    for a 4096x4096 fp32 histogram).
-
-    With OpenMP, torch.set_num_threads sets the calling thread's own thread count (plus a process-wide default
-    for threads not yet started), so each worker sets 1 for itself and the calling thread then restores the
-    process-wide value; its own and the user's other threads keep theirs. Best effort: any failure leaves the
-    workers as they are.
-    """
-    previous = torch.get_num_threads()
-    ready = threading.Barrier(size + 1)
-
-    def pin() -> int:
-        torch.get_num_threads()  # this thread's lazy initialisation happens before the change, not after it
-        torch.set_num_threads(1)
-        ready.wait(timeout=10)  # every task on its own worker thread
-        return torch.get_num_threads()
-
-    try:
-        with contextlib.suppress(Exception):  # a backend that refuses: the workers run as they are
-            futures = [pool.submit(pin) for _ in range(size)]
-            ready.wait(timeout=10)
-            for future in futures:
-                future.result(timeout=10)
-    finally:
-        with contextlib.suppress(RuntimeError):  # it refused to change anything then
-            torch.set_num_threads(previous)
-
-
-def _off_the_caller_thread(device: torch.device, fn: Callable[..., _T], *args: Any) -> _T:
-    """Run ``fn`` (no grad) on a single-threaded pool worker when on CPU with several threads.
-
-    The fit works on small [rows, 32768] tensors: intra-op parallelism does not pay there, and on a shared CPU every
-    parallel region waits for its slowest thread (measured: 1 ms best, 10 ms median under load).
-    """
-
-    def call() -> _T:
-        with torch.no_grad():
-            return fn(*args)
-
-    size = _pool_size()
-    if device.type != "cpu" or size <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
-        return call()
-    return _thread_pool(size).submit(call).result()
 
 
 def _bincount(chunk: torch.Tensor) -> torch.Tensor:
@@ -686,7 +634,8 @@ class HistogramBatch:
         if counts.device.type == "mps":  # no float64 there: fit the (small) counts on the CPU, one transfer
             counts = counts.cpu()
         try:
-            return _off_the_caller_thread(counts.device, _fit_counts, counts, self.kinds, self.reasons)
+            with torch.no_grad():
+                return _fit_counts(counts, self.kinds, self.reasons)
         except Exception as exc:
             why = f"fit failed: {type(exc).__name__}: {exc}"
             return [failed_fit(r or why, "histogram") for r in self.reasons]
