@@ -398,12 +398,6 @@ def test_unreadable_tensors_give_a_reason_never_an_exception(kind):
         assert hist.reason and fit.reason == hist.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit._ratio divides without an overflow check: an fp64 matrix whose q10 is a denormal (found by "
-    "test_exact_fit_never_raises_and_accounts_for_every_element) gets q90_over_q10 = inf; fix in fit._ratio: "
-    "r = a / b; return r if math.isfinite(r) else nan",
-)
 def test_quantile_ratios_are_never_inf():
     t = torch.randn(1000, dtype=torch.float64)
     t[:150] = 5e-309  # fp64 denormals: q10 lands on one of them

@@ -66,14 +66,6 @@ def run_watched(kind: str, n: str, limit_bytes: int, timeout_s: float = 300) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory blow-up: fit.fit_many hands all matrices to one histogram_batch, whose int64 [M, 32770] "
-    "count tensor takes 256 KB per matrix whatever its size: 2.6 GB for 10,000 16x16 matrices (10 MB of "
-    "weights); fit_all's blocks of 128 rows (ceffc36) do not bound it. Fix in fit.fit_many: fit in slices, "
-    "`for i in range(0, len(items), BATCH_ROWS): fits += histogram_batch(tensors[i:i + BATCH_ROWS]).fit_all()`; "
-    "distributed.compute_fits likewise per slice (one all-reduce per slice)",
-)
 def test_snapshot_of_10000_small_matrices(capsys):
     figures = run_watched("many", "10000", limit_bytes=1024 * MB)
     with capsys.disabled():

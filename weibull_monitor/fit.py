@@ -102,7 +102,8 @@ class WeibullFit:
 def _ratio(a: float, b: float) -> float:
     if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
         return _NAN
-    return a / b
+    ratio = a / b  # overflows to inf when b is a denormal (fp64 weights): undefined, never inf
+    return ratio if math.isfinite(ratio) else _NAN
 
 
 def failed_fit(reason: str, method: str, n: int = 0, n_zero: int = 0, n_nonfinite: int = 0) -> WeibullFit:
@@ -451,8 +452,8 @@ def fit_many(
 ) -> dict[str, WeibullFit]:
     """Fit many tensors in one call: name -> WeibullFit, in input order.
 
-    The histogram method batches small matrices into one bincount and finishes every fit after a single
-    device-to-host transfer. TypeError when any value is not a tensor (raised before any work).
+    The histogram method works in slices of ``histogram.SLICE_ROWS`` matrices: small matrices of a slice share
+    one bincount, and every fit of a slice finishes after a single device-to-host transfer. TypeError when any value is not a tensor (raised before any work).
     """
     _check_method(method)
     items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
@@ -463,10 +464,15 @@ def fit_many(
             raise TypeError(f"{item[0]!r}: expected a torch.Tensor, got {type(item[1]).__name__}")
     if method == "exact":
         return {name: fit_weibull(t, method="exact") for name, t in items}
-    from weibull_monitor.histogram import histogram_batch
+    from weibull_monitor.histogram import SLICE_ROWS, histogram_batch
 
-    try:
-        fits = histogram_batch([t for _, t in items]).fit_all()
-    except Exception:  # never take training down: fall back to one (never-raising) fit at a time
-        fits = [fit_weibull(t) for _, t in items]
+    fits: list[WeibullFit] = []
+    # Slices bound the int64 [rows, 32770] counts (256 KB a row, whatever the matrix size) and the fit's
+    # temporaries: memory stays flat in the number of matrices, at one host sync per slice.
+    for start in range(0, len(items), SLICE_ROWS):
+        tensors = [t for _, t in items[start : start + SLICE_ROWS]]
+        try:
+            fits += histogram_batch(tensors).fit_all()
+        except Exception:  # never take training down: fall back to one (never-raising) fit at a time
+            fits += [fit_weibull(t) for t in tensors]
     return {name: fit for (name, _), fit in zip(items, fits)}

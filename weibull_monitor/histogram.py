@@ -66,6 +66,9 @@ SMALL_ELEMENTS = 1 << 16
 """Tensors up to this size are counted together, many per bincount."""
 BATCH_ROWS = 256
 """At most this many small tensors per shared bincount (its output is BATCH_ROWS x 256 KB)."""
+SLICE_ROWS = 32
+"""Matrices per histogram_batch + fit_all in ``fit.fit_many``: the int64 counts of a slice take 8 MB whatever
+the matrices' sizes, and its fit temporaries no more (so a snapshot's extra memory does not grow with the model)."""
 
 EXACT_RANKS = 4096
 """Up to this many middle ranks, the regression runs rank by rank (as the sort-based protocol does)."""
@@ -338,7 +341,15 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
     the middle band), the regression sums, the quantiles. No host sync, except free ones on CPU.
     """
     device = counts.device
+    offset = 0
     mags = counts[:, :N_BINS]
+    # On CPU, where host syncs are free, only the codes some row uses (a few thousand, not 32768): the cumulative
+    # counts, searches and lookups below then cost per used code, not per possible one.
+    if device.type == "cpu":
+        used = mags.any(0).nonzero()
+        if used.numel():
+            offset = int(used[0])
+            mags = mags[:, offset : int(used[-1]) + 1]
     cum = mags.cumsum(1)
     n = cum[:, -1]
     n_f = n.to(torch.float64)
@@ -364,13 +375,14 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
 
     rounded = kind_idx < len(EXACT_KINDS)
     step_rows = rounded & exact_rows
-    x = _lookup(cum, mags, pos, kind_idx, step_rows)
+    x = _lookup(cum, mags, pos, kind_idx, step_rows, offset)
     # Grid sums stand for all n_mid middle ranks: scale them so that every row's sums count ranks.
     per_point = torch.where(exact_rows, torch.ones_like(n_f), n_mid.to(torch.float64) / GRID_POINTS)
     sums = regression_sums(x, y, weight) * per_point[:, None]
 
     # Resolution: the codes at the first and last middle ranks.
-    span_codes = torch.searchsorted(cum, torch.stack([lo, hi], dim=1).contiguous()).clamp(max=N_BINS - 1)
+    last_column = cum.shape[1] - 1
+    span_codes = torch.searchsorted(cum, torch.stack([lo, hi], dim=1).contiguous()).clamp(max=last_column)
     span = span_codes[:, 1] - span_codes[:, 0] + 1
 
     # Exact kinds beyond the rank-by-rank size: the step function x(rank) is known exactly, so the sums that
@@ -380,8 +392,8 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
         if device.type == "cpu":  # host syncs are free here: look only at the codes of the middle band
             first, width = span_codes[:, 0], int(span.max())
         else:
-            first, width = torch.zeros_like(span), N_BINS
-        step = _step_sums(cum, mags, lo, hi, n_f, kind_idx, first, width)
+            first, width = torch.zeros_like(span), cum.shape[1]
+        step = _step_sums(cum, mags, lo, hi, n_f, kind_idx, first, width, offset)
         for name, column in zip(("w", "x", "xx", "y", "yy", "xy"), step.unbind(1)):
             j = SUM_NAMES.index(name)
             sums[:, j] = torch.where(stepped, column, sums[:, j])
@@ -393,8 +405,8 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
     base = h.floor()
     frac = h - base
     top = (n_f[:, None] - 0.5).clamp(min=0.5)
-    x_lo = _lookup(cum, mags, base + 0.5, kind_idx, rounded)
-    x_hi = _lookup(cum, mags, torch.minimum(base + 1.5, top), kind_idx, rounded)
+    x_lo = _lookup(cum, mags, base + 0.5, kind_idx, rounded, offset)
+    x_hi = _lookup(cum, mags, torch.minimum(base + 1.5, top), kind_idx, rounded, offset)
     quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
 
     header = torch.stack(
@@ -459,23 +471,25 @@ def _step_sums(
     kind_idx: torch.Tensor,
     first: torch.Tensor,
     width: int,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Exact (w, x, xx, y, yy, xy) sums over middle ranks lo..hi for histograms whose elements equal their codes.
 
-    Looks at ``width`` codes from ``first`` per row (the middle band on CPU, all codes elsewhere).
+    Looks at ``width`` columns from ``first`` per row (the middle band on CPU, all columns elsewhere); column j of
+    ``cum``/``mags`` holds code ``offset + j``.
     """
     device = cum.device
     offsets = torch.arange(width, device=device)
     raw_idx = first[:, None] + offsets
-    inside = raw_idx < N_BINS
-    idx = raw_idx.clamp(max=N_BINS - 1)
+    inside = raw_idx < cum.shape[1]
+    idx = raw_idx.clamp(max=cum.shape[1] - 1)
     upto = cum.gather(1, idx)
     before = upto - mags.gather(1, idx)
     low, high = (lo - 1)[:, None], hi[:, None]
     b = torch.minimum(torch.maximum(upto, low), high)
     a = torch.where(inside, torch.minimum(torch.maximum(before, low), high), b)  # clamped duplicates: nothing
     m = (b - a).to(torch.float64)
-    x = _tables(device)[0][kind_idx[:, None].expand_as(idx), idx]
+    x = _tables(device)[0][kind_idx[:, None].expand_as(idx), idx + offset]
     n = n_f.clamp(min=1.0)[:, None]
     ranks = torch.cat([a, b, (lo - 1)[:, None], hi[:, None]], dim=1).to(torch.float64).clamp(min=1.0)
     psi = _rank_sums_of_y(ranks, n)  # one evaluation for every boundary
@@ -518,19 +532,21 @@ def _lookup(
     pos: torch.Tensor,
     kind_idx: torch.Tensor,
     step_rows: torch.Tensor,
+    offset: int = 0,
 ) -> torch.Tensor:
     """ln|w| at continuous rank positions ``pos`` [M, P] (element i occupies (i-1, i]), from cumulative counts.
 
     In rows where ``step_rows`` [M] is true, the value of the element's code (exact for the bf16 and fp16
-    histograms); elsewhere interpolated uniformly in ln|w| inside the code's bin.
+    histograms); elsewhere interpolated uniformly in ln|w| inside the code's bin. Column j of ``cum``/``mags``
+    holds code ``offset + j``.
     """
     table = _tables(cum.device).reshape(3, -1)
     # The element at position r is in the first code whose cumulative count reaches ceil(r).
-    code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp(max=N_BINS - 1)
+    code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp(max=cum.shape[1] - 1)
     before = cum.gather(1, code) - mags.gather(1, code)
     count = mags.gather(1, code).to(torch.float64).clamp(min=1.0)
     t = ((pos - before.to(torch.float64)) / count).clamp(0.0, 1.0)
-    flat = (kind_idx[:, None] * N_BINS + code).reshape(-1)
+    flat = (kind_idx[:, None] * N_BINS + code + offset).reshape(-1)
     value, low, high = (table[i].index_select(0, flat).view_as(pos) for i in range(3))
     return torch.where(step_rows[:, None], value, low + t * (high - low))
 
