@@ -70,8 +70,24 @@ FIGURE_NAMES = ("study_scale.png", "study_growth.png", "study_k.png")
 # ------------------------------------------------------------------------------------------------ settings
 
 
+class _LrWd:
+    """√(η/λ_wd) and τ for a record with ``lr`` and ``weight_decay`` fields."""
+
+    lr: float
+    weight_decay: float
+
+    @property
+    def sqrt_lr_over_wd(self) -> float:
+        return math.sqrt(self.lr / self.weight_decay)
+
+    @property
+    def tau(self) -> float:
+        """τ = 1/(η·λ_wd), in optimizer steps."""
+        return 1.0 / (self.lr * self.weight_decay)
+
+
 @dataclass(frozen=True)
-class Setting:
+class Setting(_LrWd):
     """One AdamW setting: peak learning rate η and decoupled weight decay λ_wd (both > 0)."""
 
     lr: float
@@ -98,15 +114,6 @@ class Setting:
         except ValueError:
             raise ValueError(f"a setting is LR:WD (e.g. 4e-3:2.5), got {text!r}") from None
         return cls(lr, wd)
-
-    @property
-    def sqrt_lr_over_wd(self) -> float:
-        return math.sqrt(self.lr / self.weight_decay)
-
-    @property
-    def tau(self) -> float:
-        """τ = 1/(η·λ_wd), in optimizer steps."""
-        return 1.0 / (self.lr * self.weight_decay)
 
     @property
     def name(self) -> str:
@@ -345,7 +352,7 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
 
 @dataclass
-class RunResult:
+class RunResult(_LrWd):
     """One run of the study, read back from the store."""
 
     name: str
@@ -358,14 +365,6 @@ class RunResult:
     scale_over_sqrt: list[float]  # Transmission median λ over √(η/λ_wd) (η: the run's peak) per snapshot
     k: dict[str, list[float]]  # class (or "qkv (fused)") -> median k per snapshot (NaN where absent)
     attention_kind: str | None
-
-    @property
-    def sqrt_lr_over_wd(self) -> float:
-        return math.sqrt(self.lr / self.weight_decay)
-
-    @property
-    def tau(self) -> float:
-        return 1.0 / (self.lr * self.weight_decay)
 
     @property
     def terminal_scale(self) -> float:
