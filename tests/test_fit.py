@@ -378,3 +378,15 @@ def test_to_dict_is_plain_and_ratios_are_defined():
     assert {type(v) for v in d.values()} <= {float, int, bool, str, type(None)}
     assert d["q90_over_q10"] == pytest.approx(fit.q90 / fit.q10)
     assert d["q99_over_q50"] > 1 and d["q999_over_q50"] > d["q99_over_q50"]
+
+
+def test_fit_many_in_slices_equals_single_fits(monkeypatch):
+    from weibull_monitor import histogram
+
+    monkeypatch.setattr(histogram, "SLICE_ROWS", 3)  # 8 matrices: slices of 3, 3 and 2
+    named = [(f"m{i}", draw("gaussian", (40 + 30 * i, 50), 60 + i) * 10.0 ** (i % 3 - 2)) for i in range(8)]
+    named[4] = ("m4", named[4][1].to(torch.bfloat16))
+    many = fit_many(named)
+    assert list(many) == [name for name, _ in named]
+    for name, t in named:
+        assert many[name].to_dict() == pytest.approx(fit_weibull(t).to_dict(), nan_ok=True), name

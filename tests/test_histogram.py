@@ -251,3 +251,28 @@ def test_fit_all_never_raises_on_corrupt_counts():
     fits = HistogramBatch(counts, ["bf16", "fp32"]).fit_all()
     assert [f.ok for f in fits] == [False, False]
     assert all(f.reason for f in fits)
+
+
+def test_shared_bincount_over_the_used_codes_keeps_every_special_value():
+    # On CPU small tensors share one bincount over only the codes they use; zeros, Inf/NaN, subnormals, mixed
+    # kinds and empty tensors must still land in the columns a tensor counted alone gives.
+    fp32 = torch.randn(30, 30) * 0.02
+    fp32[0, :3] = torch.tensor([float("inf"), float("nan"), 0.0])
+    fp32[1, :2] = torch.tensor([1e-40, -3e-39])  # fp32 subnormals
+    bf16 = (torch.randn(20, 20) * 5).to(torch.bfloat16)
+    bf16[0, 0] = float("-inf")
+    tensors = [fp32, bf16, torch.zeros(4, 4), torch.empty(0), torch.randn(50).to(torch.float16) * 1e-3]
+    batch = histogram_batch(tensors)
+    for i, t in enumerate(tensors):
+        assert torch.equal(batch.counts[i], counts_of(t)), i
+    assert int(batch.counts[0, NONFINITE_COLUMN]) == 2 and int(batch.counts[1, NONFINITE_COLUMN]) == 1
+
+
+def test_fit_of_a_row_does_not_depend_on_the_rows_beside_it():
+    # The CPU fit narrows every row of a batch to the codes some row uses: a row's fit must not change when
+    # rows of very different scales (a wider span) join it.
+    alone = torch.randn(300, 200) * 0.02
+    others = [torch.randn(100, 100) * 1e-6, (torch.randn(64, 64) * 100).to(torch.bfloat16)]
+    single = histogram_batch([alone]).fit_all()[0]
+    together = histogram_batch([others[0], alone, others[1]]).fit_all()[1]
+    assert single.ok and together.to_dict() == pytest.approx(single.to_dict(), rel=1e-12)
