@@ -237,16 +237,21 @@ def fig_class_medians(data: RunData, path: Path) -> None:
     fig.savefig(path)
 
 
+def _plot_class_series(ax: Any, data: RunData, metric: str) -> bool:
+    """One line per class of ``weibull/<class>/<metric>`` over steps; False when no class has it."""
+    drawn = False
+    for klass in _KLASSES:
+        steps, values = data.series(f"weibull/{klass}/{metric}")
+        if steps:
+            ax.plot(steps, values, marker="o", ms=3, color=_KLASS_COLOURS[klass], label=klass)
+            drawn = True
+    return drawn
+
+
 def fig_scale(data: RunData, path: Path) -> None:
     fig = _figure(13, 4)
     growth_ax, lam_ax, ratio_ax = fig.subplots(1, 3)
-    drawn = False
-    for klass in _KLASSES:
-        steps, values = data.series(f"weibull/{klass}/scale_growth")
-        if steps:
-            growth_ax.plot(steps, values, marker="o", ms=3, color=_KLASS_COLOURS[klass], label=klass)
-            drawn = True
-    if drawn:
+    if _plot_class_series(growth_ax, data, "scale_growth"):
         growth_ax.axhline(1.0, color="black", lw=0.8, ls="--")
         growth_ax.set_xlabel("step")
         growth_ax.set_ylabel("λ / λ at the first snapshot (median)")
@@ -288,13 +293,7 @@ def fig_scale(data: RunData, path: Path) -> None:
         _note(lam_ax, "η and λ_wd unknown\n(no optimizer recorded, or no weight decay)")
     lam_ax.set_title("λ against √(η/λ_wd)")
 
-    drawn = False
-    for klass in _KLASSES:
-        steps, values = data.series(f"weibull/{klass}/scale_over_sqrt_lr_wd")
-        if steps:
-            ratio_ax.plot(steps, values, marker="o", ms=3, color=_KLASS_COLOURS[klass], label=klass)
-            drawn = True
-    if drawn:
+    if _plot_class_series(ratio_ax, data, "scale_over_sqrt_lr_wd"):
         ratio_ax.axhline(
             expectations.PYTHIA_SCALE_PER_SQRT_LR_WD, color="black", ls="--", lw=1, label="Pythia 0.087"
         )
