@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from sabotage import collapse_rule, sabotage_queries
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from weibull_monitor.alerts import SelectionCollapse
 from weibull_monitor.integrations.hf import WeibullCallback
 from weibull_monitor.store import RunStore
 from weibull_monitor.toy import ByteWindowDataset, tiny_llama
@@ -24,22 +24,6 @@ from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 EVERY = 5
 MAX_STEPS = 20
 DUE = [0, 5, 10, 15, 20]  # step 0: the initial weights, the reference of scale growth
-
-
-def sabotage_queries(model: torch.nn.Module, seed: int = 1) -> None:
-    """Replace every W_q with Laplace draws of the same std: |w| exponential, k = 1, far below the Gaussian 1.2."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("q_proj.weight"):
-                exponential = -torch.rand(param.shape, generator=generator).clamp_min(1e-12).log()
-                sign = torch.randint(0, 2, param.shape, generator=generator) * 2 - 1
-                param.copy_(sign * exponential * (param.std() / math.sqrt(2)))
-
-
-def collapse_rule() -> SelectionCollapse:
-    """Critical as soon as one W_q sits below k 1.1 (Laplace: 1.0; Gaussian: 1.2), from step 5 on."""
-    return SelectionCollapse(threshold=1.15, matrix_threshold=1.1, warmup=5, patience=1)
 
 
 def make_trainer(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import math
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from sabotage import collapse_rule, sabotage_queries
 
-from weibull_monitor.alerts import SelectionCollapse
 from weibull_monitor.integrations.lightning import WeibullCallback
 from weibull_monitor.store import RunStore
 from weibull_monitor.toy import ByteWindowDataset, tiny_llama
@@ -41,22 +40,6 @@ class TinyCausalLM(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-
-
-def sabotage_queries(model: torch.nn.Module, seed: int = 1) -> None:
-    """Replace every W_q with Laplace draws of the same std: |w| exponential, k = 1, far below the Gaussian 1.2."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("q_proj.weight"):
-                exponential = -torch.rand(param.shape, generator=generator).clamp_min(1e-12).log()
-                sign = torch.randint(0, 2, param.shape, generator=generator) * 2 - 1
-                param.copy_(sign * exponential * (param.std() / math.sqrt(2)))
-
-
-def collapse_rule() -> SelectionCollapse:
-    """Critical as soon as one W_q sits below k 1.1 (Laplace: 1.0; Gaussian: 1.2), from step 5 on."""
-    return SelectionCollapse(threshold=1.15, matrix_threshold=1.1, warmup=5, patience=1)
 
 
 def loader(accumulation: int = 1, max_steps: int = MAX_STEPS) -> torch.utils.data.DataLoader:
