@@ -453,7 +453,8 @@ def fit_many(
     """Fit many tensors in one call: name -> WeibullFit, in input order.
 
     The histogram method works in slices of ``histogram.SLICE_ROWS`` matrices: small matrices of a slice share
-    one bincount, and every fit of a slice finishes after a single device-to-host transfer. TypeError when any value is not a tensor (raised before any work).
+    one bincount, and every fit of a slice finishes after a single device-to-host transfer. TypeError when any
+    value is not a tensor (raised before any work).
     """
     _check_method(method)
     items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
