@@ -238,24 +238,13 @@ def _move_special_columns(counts: torch.Tensor, kinds: Sequence[str]) -> None:
             counts[index, first:N_BINS] = 0
 
 
-def _batched_raw_counts(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(raw counts [len(tensors), width] of codes first..first+width-1, first) of small tensors on one device,
-    with a single bincount.
-
-    On CPU (host syncs free) only the codes some tensor uses: a bincount output of a few thousand columns a row
-    instead of 32768 (256 KB a row to zero and copy); elsewhere every code, without a sync.
-    """
-    codes = [_codes(t).to(torch.int32) for t in tensors]
-    flat = torch.cat(codes)
-    first, width = 0, N_BINS
-    if flat.device.type == "cpu" and flat.numel():
-        lo, hi = flat.aminmax()
-        first, width = int(lo), int(hi) - int(lo) + 1
-    sizes = torch.tensor([c.numel() for c in codes], device=flat.device)
-    row_starts = torch.arange(len(codes), dtype=torch.int32, device=flat.device) * width
-    flat += torch.repeat_interleave(row_starts - first, sizes, output_size=flat.numel())
-    counts = torch.bincount(flat, minlength=len(codes) * width).view(len(codes), width)
-    return counts, first
+def _batched_raw_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[len(tensors), N_BINS] raw counts of small tensors on one device with a single bincount."""
+    offsets = []
+    for row, t in enumerate(tensors):
+        offsets.append(_codes(t).to(torch.int32) + row * N_BINS)
+    flat = torch.cat(offsets)
+    return torch.bincount(flat, minlength=len(tensors) * N_BINS).view(len(tensors), N_BINS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -708,7 +697,7 @@ def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
             raw[i] += part.to(device)
         for start in range(0, len(small), BATCH_ROWS):
             rows = small[start : start + BATCH_ROWS]
-            part, first = _batched_raw_counts([readable[i] for i in rows])
-            raw[torch.tensor(rows, device=device), first : first + part.shape[1]] = part
+            part = _batched_raw_counts([readable[i] for i in rows])
+            raw[torch.tensor(rows, device=device)] = part
         _move_special_columns(counts, kinds)
     return HistogramBatch(counts, kinds, reasons)
