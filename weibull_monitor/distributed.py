@@ -14,9 +14,10 @@ them; one object all-gather shares the fits, so every matrix is fitted once and 
 Collectives per snapshot: three tiny all-reduces (entry-list check with agreed skips, used code span), the
 reduce-scatter of the counts and the all-gather of the fits.
 
-Extra memory per rank: the histogram engine's count rows for the pieces this rank holds (8 bytes x 32770 each),
-the ``[M, span]`` buffer that is reduced, the ``[M/world, N_COLUMNS]`` block it fits, and the engine's chunk-sized
-temporaries; never a matrix.
+Extra memory per rank: this rank's count rows cut to the codes they use (8 bytes x (used span + 2) per piece), the
+``[M, span + 2]`` buffer that is reduced and the ``[M/world, span + 2]`` block it receives, plus slice-sized
+temporaries (one engine call of ``_PIECES_PER_CALL`` pieces, one fit of ``histogram.SLICE_ROWS`` full-width rows);
+never a matrix, and never 256 KB per matrix.
 """
 
 from __future__ import annotations
@@ -267,9 +268,18 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     if rows:
         from weibull_monitor import histogram
 
-        counts = _unpack(packed_block, [i - first_row for i in rows], first_code)
-        kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
-        mine.update(zip(rows, histogram.HistogramBatch(counts, kinds_of_rows).fit_all()))
+        # Full-width rows only a slice at a time (256 KB each): memory stays flat in the number of matrices, at
+        # one host sync per slice, as in fit.fit_many.
+        for start in range(0, len(rows), histogram.SLICE_ROWS):
+            sub = rows[start : start + histogram.SLICE_ROWS]
+            try:
+                counts = _unpack(packed_block, [i - first_row for i in sub], first_code)
+                kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in sub]
+                mine.update(zip(sub, histogram.HistogramBatch(counts, kinds_of_rows).fit_all()))
+                del counts  # before the next slice's rows are built
+            except Exception as error:  # never raise between collectives: the other ranks would wait forever
+                log.warning("weibull-monitor: cannot fit a slice of summed counts: %r", error)
+                mine.update((i, _skipped_fit(f"fit of the summed counts failed: {error!r}")) for i in sub)
     if exact:
         from weibull_monitor.fit import fit_weibull
 
@@ -297,21 +307,27 @@ def _local_counts(
     device: torch.device,
     skip_codes: list[int],
     entries: Sequence[Any],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's counts as (row indices, int64 [pieces, N_COLUMNS]) batches, one per histogram engine call.
+) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """This rank's counts as (row indices, first code, int64 [pieces, width + 2]) batches, one per engine call.
+
+    Each batch is cut to the codes it uses right after counting (columns [first code, first code + width), then the
+    zero and non-finite columns), so what is kept until the reduce-scatter is O(used span) per piece, not
+    N_COLUMNS. A batch that uses no code has width 0 and first code ``histogram.N_BINS``.
 
     A batch the engine cannot count is retried piece by piece; a matrix whose piece still fails gets the
     ``SKIP_FAILED`` code in ``skip_codes`` (agreed across ranks afterwards), never an exception.
     """
     from weibull_monitor import histogram
 
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batches: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     batch: list[torch.Tensor] = []
     rows: list[int] = []
 
     def count(tensors: list[torch.Tensor], at: list[int]) -> None:
-        part = histogram.histogram_batch(tensors).counts.to(device)
-        batches.append((torch.tensor(at, device=device), part))
+        full = histogram.histogram_batch(tensors).counts
+        first, packed = _cut_to_used_codes(full)
+        del full
+        batches.append((torch.tensor(at, device=device), first, packed.to(device)))
 
     def flush() -> None:
         if not batch:
@@ -340,8 +356,27 @@ def _local_counts(
     return batches
 
 
+def _cut_to_used_codes(counts: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Count rows [P, N_COLUMNS] -> (first used code, packed [P, width + 2]): the used code span, then the zero and
+    non-finite columns. A fresh tensor (the full-width rows can be freed); width 0 and first ``N_BINS`` when no
+    code is used."""
+    from weibull_monitor import histogram
+
+    n_bins = histogram.N_BINS
+    # Counts are never negative, so "max > 0" is "any": amax is the cheaper reduction.
+    used = torch.nonzero(counts[:, :n_bins].amax(0)).reshape(-1)
+    if not used.numel():
+        return n_bins, counts[:, n_bins:].clone()
+    first, last = int(used[0]), int(used[-1])
+    return first, torch.cat((counts[:, first : last + 1], counts[:, n_bins:]), dim=1)
+
+
 def _reduce_scatter_counts(
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device, rank: int, world: int
+    batches: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
+    n: int,
+    device: torch.device,
+    rank: int,
+    world: int,
 ) -> tuple[torch.Tensor, int, int]:
     """Sum the counts of n matrices over ranks; rank r gets rows [r*B, (r+1)*B) complete.
 
@@ -356,10 +391,10 @@ def _reduce_scatter_counts(
 
     n_bins = histogram.N_BINS
     first, last = n_bins, -1
-    for _, part in batches:
-        used = torch.nonzero(part[:, :n_bins].any(0)).reshape(-1)
-        if used.numel():
-            first, last = min(first, int(used[0])), max(last, int(used[-1]))
+    for _, part_first, part in batches:  # each batch is already cut to its used span (see _local_counts)
+        part_width = part.shape[1] - 2
+        if part_width:
+            first, last = min(first, part_first), max(last, part_first + part_width - 1)
     span = torch.tensor([-first, last], dtype=torch.int64, device=device)
     dist.all_reduce(span, op=dist.ReduceOp.MAX)
     first, last = -int(span[0]), int(span[1])
@@ -367,9 +402,16 @@ def _reduce_scatter_counts(
 
     rows_per_rank = max(1, -(-n // world))
     packed = torch.zeros((rows_per_rank * world, width + 2), dtype=torch.int64, device=device)
-    for rows, part in batches:  # index_add: several pieces (shard slices) may add to one matrix's row
-        packed[:, :width].index_add_(0, rows, part[:, first : first + width])
-        packed[:, width:].index_add_(0, rows, part[:, n_bins:])
+    for (
+        rows,
+        part_first,
+        part,
+    ) in batches:  # index_add: several pieces (shard slices) may add to one matrix's row
+        part_width = part.shape[1] - 2
+        if part_width:
+            offset = part_first - first
+            packed[:, offset : offset + part_width].index_add_(0, rows, part[:, :part_width])
+        packed[:, width:].index_add_(0, rows, part[:, part_width:])
     mine = torch.empty((rows_per_rank, width + 2), dtype=torch.int64, device=device)
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     try:

@@ -171,6 +171,68 @@ def check_ddp(out: dict) -> None:
     out["mismatch"] = fits_json(distributed.compute_fits(short, "histogram"))
 
 
+MANY_SMALL = 2000  # 16x16 matrices: a full-width count table would need 256 KB x 2000 = 500 MiB
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_many_small(out: dict) -> None:
+    """Many small matrices under DDP: the fits, and this rank's peak RSS growth during compute_fits.
+
+    The peak is the larger of a 1 ms RSS sampler and the kernel's high-water mark (ru_maxrss) when the call raised
+    it: a lower bound of what the call really needed, never more. Run early, before other checks raise the mark.
+    """
+    import gc
+    import resource
+    import threading
+
+    from weibull_monitor import distributed
+    from weibull_monitor.fit import fit_many
+    from weibull_monitor.roles import Role
+    from weibull_monitor.snapshot import MatrixEntry
+
+    generator = torch.Generator().manual_seed(7)
+    model = torch.nn.Module()
+    model.weights = torch.nn.ParameterList(
+        torch.nn.Parameter(torch.randn(16, 16, generator=generator) * 0.02) for _ in range(MANY_SMALL)
+    )
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    named = [(name, param.detach()) for name, param in ddp.module.named_parameters()]
+    reference = fit_many(named)
+    role = Role(layer=None, component="other", klass="other")  # compute_fits never reads the role
+    entries = [MatrixEntry(name, name, param, role) for name, param in ddp.module.named_parameters()]
+
+    gc.collect()
+    before = _rss_bytes()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fits = distributed.compute_fits(entries, "histogram")
+    finally:
+        done.set()
+        sampler.join()
+    maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    high_water = maxrss_after if maxrss_after > maxrss_before else 0
+    out["many_small"] = {"dist": fits_json(fits), "ref": fits_json(reference)}
+    out["many_small_memory"] = {
+        "matrices": MANY_SMALL,
+        "peak_extra_bytes": max(peak[0], high_water) - before,
+        "full_width_bytes": MANY_SMALL * 8 * 32770,
+    }
+
+
 def check_fsdp2(out: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -412,6 +474,7 @@ def main() -> None:
     timing = {}
     for check in (
         check_agree,
+        check_many_small,  # early: its memory check reads the process's high-water mark
         check_ddp,
         check_fsdp2,
         check_fused_fsdp2,
