@@ -10,9 +10,10 @@ Histogram counts add across pieces of a matrix (``science.md`` §6), so no weigh
 
 and one reduce-scatter SUM of a single ``[M, span]`` int64 tensor, where each rank filled only what it holds,
 completes every matrix at once: rank r receives the complete counts of one block of M/world matrices and fits
-them; one object all-gather shares the fits, so every matrix is fitted once and every rank holds the same fits.
-Collectives per snapshot: three tiny all-reduces (entry-list check with agreed skips, used code span), the
-reduce-scatter of the counts and the all-gather of the fits.
+them; one all-gather of a small float64 table of fit fields shares the fits, so every matrix is fitted once and
+every rank holds the same fits. Collectives per snapshot: one tiny fixed-size all-reduce (entry-list check, used
+code span, whether any rank skips; a second one with the skip codes only when some rank skips), the reduce-scatter
+of the counts and the all-gather of the fits (plus an object all-gather only for failed or exact fits).
 
 Extra memory per rank: this rank's count rows cut to the codes they use (8 bytes x (used span + 2) per piece), the
 ``[M, span + 2]`` buffer that is reduced and the ``[M/world, span + 2]`` block it receives, plus slice-sized
@@ -206,8 +207,8 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
 
     ``entries`` are ``snapshot.MatrixEntry`` (``key``, ``tensor``) and must be the same list, in the same order, on
     every rank. Each matrix is counted where its elements lie, the counts are summed with one reduce-scatter (so
-    rank r receives the complete counts of one block of matrices), each rank fits its block, and one object
-    all-gather shares the fits: every matrix is fitted once, and every rank returns the same fits.
+    rank r receives the complete counts of one block of matrices), each rank fits its block, and one all-gather
+    of a float64 table of fit fields shares the fits: every matrix is fitted once, and every rank returns the same fits.
 
     ``method="exact"`` fits replicated matrices by a full sort on their owner rank; sharded matrices are always
     fitted from their summed histograms (no rank holds them whole) and say ``method="histogram"``. Matrices that
@@ -247,20 +248,32 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     wanted = [not skip_codes[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
     batches = _local_counts(pieces, wanted, device, skip_codes, entries)
 
+    # One fixed-size all-reduce MAX carries everything the ranks must agree on before the counts move: the list
+    # length and signature (as x and -x, so MAX shows any difference), the used code span and whether any rank
+    # skips a matrix. Only when some rank skips does a second all-reduce (of n skip codes) follow; its length is
+    # safe because n was just agreed.
     signature = _signature(entries)
-    # The header's length depends on n: agree on n alone first, so that mismatched lists fail cleanly, not hang.
-    size_check = torch.tensor([n, -n], dtype=torch.int64, device=device)
-    dist.all_reduce(size_check, op=dist.ReduceOp.MAX)
-    if int(size_check[0]) != n or int(-size_check[1]) != n:
-        return _mismatch(entries, "ranks hold different numbers of matrices")
-    header = torch.tensor([signature, -signature, *skip_codes], dtype=torch.int64, device=device)
+    first, last = _used_span(batches)
+    any_skip = int(any(skip_codes))
+    header = torch.tensor(
+        [n, -n, signature, -signature, -first, last, any_skip], dtype=torch.int64, device=device
+    )
     dist.all_reduce(header, op=dist.ReduceOp.MAX)
-    if int(header[0]) != signature or int(-header[1]) != signature:
+    agreed = header.tolist()
+    if agreed[0] != n or -agreed[1] != n:
+        return _mismatch(entries, "ranks hold different numbers of matrices")
+    if agreed[2] != signature or -agreed[3] != signature:
         return _mismatch(entries, "ranks hold different matrices (names or shapes differ)")
-    skips = header[2:].tolist()
+    first, last = -agreed[4], agreed[5]
+    if agreed[6]:
+        codes = torch.tensor(skip_codes, dtype=torch.int64, device=device)
+        dist.all_reduce(codes, op=dist.ReduceOp.MAX)
+        skips = codes.tolist()
+    else:
+        skips = [0] * n
 
     histogrammed = [not skips[i] and not (exact and kinds[i] == "replicated") for i in range(n)]
-    packed_block, first_row, first_code = _reduce_scatter_counts(batches, n, device, rank, world)
+    packed_block, first_row, first_code = _reduce_scatter_counts(batches, n, device, rank, world, first, last)
     del batches
 
     mine: dict[int, Any] = {}
@@ -287,11 +300,7 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
             if kinds[i] == "replicated" and owners[i] == rank and not skips[i]:
                 mine[i] = fit_weibull(tensors[i].detach(), method="exact")
 
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    merged: dict[int, Any] = {}
-    for part in gathered:
-        merged.update(part or {})
+    merged = _share_fits(mine, n, world, device)
     fits: dict[str, Any] = {}
     for i, entry in enumerate(entries):
         if skips[i]:
@@ -377,27 +386,18 @@ def _reduce_scatter_counts(
     device: torch.device,
     rank: int,
     world: int,
+    first: int,
+    last: int,
 ) -> tuple[torch.Tensor, int, int]:
     """Sum the counts of n matrices over ranks; rank r gets rows [r*B, (r+1)*B) complete.
 
     Only the magnitude codes some rank actually saw travel: weights occupy a few thousand of the 32768 codes, so
-    the columns are cut to the span [first code, last code] agreed with one tiny all-reduce (MAX of -first, last)
-    first, and the buffer that is reduced is [n, span + 2] (the span, then the zero and non-finite columns), never
+    the columns are cut to the span [first code, last code] agreed in the header all-reduce (see
+    :func:`_used_span`), and the buffer that is reduced is [n, span + 2] (the span, then the zero and non-finite columns), never
     [n, N_COLUMNS]. Returns (this rank's packed block [B, span + 2], its first row, the first code).
     """
     import torch.distributed as dist
 
-    from weibull_monitor import histogram
-
-    n_bins = histogram.N_BINS
-    first, last = n_bins, -1
-    for _, part_first, part in batches:  # each batch is already cut to its used span (see _local_counts)
-        part_width = part.shape[1] - 2
-        if part_width:
-            first, last = min(first, part_first), max(last, part_first + part_width - 1)
-    span = torch.tensor([-first, last], dtype=torch.int64, device=device)
-    dist.all_reduce(span, op=dist.ReduceOp.MAX)
-    first, last = -int(span[0]), int(span[1])
     width = max(0, last - first + 1)
 
     rows_per_rank = max(1, -(-n // world))
@@ -420,6 +420,77 @@ def _reduce_scatter_counts(
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         mine = packed[rank * rows_per_rank : (rank + 1) * rows_per_rank]
     return mine, rank * rows_per_rank, first
+
+
+def _used_span(batches: Sequence[tuple[torch.Tensor, int, torch.Tensor]]) -> tuple[int, int]:
+    """(first, last) magnitude code this rank's batches use; (N_BINS, -1) when none (each batch is already cut to
+    its used span, see :func:`_local_counts`)."""
+    from weibull_monitor import histogram
+
+    first, last = histogram.N_BINS, -1
+    for _, part_first, part in batches:
+        part_width = part.shape[1] - 2
+        if part_width:
+            first, last = min(first, part_first), max(last, part_first + part_width - 1)
+    return first, last
+
+
+# Fit fields that travel as float64 (ints below 2**53 and nan survive exactly, Python floats are float64), in order.
+_FIT_FLOATS = ("k", "scale", "r2", "k_stderr", "scale_rel_stderr", "q10", "q50", "q90", "q99", "q999")
+_FIT_INTS = ("n", "n_zero", "n_nonfinite")
+_ROW_EMPTY, _ROW_PACKED, _ROW_OBJECT = 0, 1, 2
+
+
+def _share_fits(mine: Mapping[int, Any], n: int, world: int, device: torch.device) -> dict[int, Any]:
+    """Every rank's fits, merged: index -> WeibullFit, identical on every rank.
+
+    The common fit (ok, ``method="histogram"``, no reason) travels as one float64 row in a single tensor
+    all-gather, which is far cheaper than pickling objects. A fit that does not fit that mould (failed, exact)
+    marks its row ``_ROW_OBJECT``; every rank sees the marks after the all-gather, so all ranks then agree to
+    share those fits with one object all-gather as well (never the case in a healthy snapshot).
+    """
+    import torch.distributed as dist
+
+    from weibull_monitor.fit import WeibullFit
+
+    width = 1 + len(_FIT_FLOATS) + len(_FIT_INTS)
+    table = torch.zeros((n, width), dtype=torch.float64)
+    odd: dict[int, Any] = {}
+    for i, fit in mine.items():
+        if fit.ok and fit.method == "histogram" and fit.reason is None:
+            table[i] = torch.tensor(
+                [_ROW_PACKED, *(getattr(fit, f) for f in _FIT_FLOATS), *(getattr(fit, f) for f in _FIT_INTS)],
+                dtype=torch.float64,
+            )
+        else:
+            table[i, 0] = _ROW_OBJECT
+            odd[i] = fit
+    table = table.to(device)
+    parts = [torch.empty_like(table) for _ in range(world)]
+    dist.all_gather(parts, table)
+    merged: dict[int, Any] = {}
+    need_objects = False
+    for part in parts:
+        part_rows = part.cpu().tolist()
+        for i, row in enumerate(part_rows):
+            if row[0] == _ROW_PACKED:
+                floats = row[1 : 1 + len(_FIT_FLOATS)]
+                ints = row[1 + len(_FIT_FLOATS) :]
+                merged[i] = WeibullFit(
+                    **dict(zip(_FIT_FLOATS, floats)),
+                    **{f: int(v) for f, v in zip(_FIT_INTS, ints)},
+                    method="histogram",
+                    ok=True,
+                    reason=None,
+                )
+            elif row[0] == _ROW_OBJECT:
+                need_objects = True
+    if need_objects:  # decided from the gathered table, so the same on every rank
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, odd)
+        for part in gathered:
+            merged.update(part or {})
+    return merged
 
 
 def _unpack(packed: torch.Tensor, rows: Sequence[int], first_code: int) -> torch.Tensor:
