@@ -475,31 +475,31 @@ def _share_fits(mine: Mapping[int, Any], n: int, world: int, device: torch.devic
     from weibull_monitor.fit import WeibullFit
 
     width = 1 + len(_FIT_FLOATS) + len(_FIT_INTS)
-    table = torch.zeros((n, width), dtype=torch.float64)
+    rows: list[list[float]] = [[_ROW_EMPTY] + [0.0] * (width - 1) for _ in range(n)]
     odd: dict[int, Any] = {}
     for i, fit in mine.items():
         if fit.ok and fit.method == "histogram" and fit.reason is None:
-            table[i] = torch.tensor(
-                [_ROW_PACKED, *(getattr(fit, f) for f in _FIT_FLOATS), *(getattr(fit, f) for f in _FIT_INTS)],
-                dtype=torch.float64,
-            )
+            rows[i] = [
+                _ROW_PACKED,
+                *(getattr(fit, f) for f in _FIT_FLOATS),
+                *(getattr(fit, f) for f in _FIT_INTS),
+            ]
         else:
-            table[i, 0] = _ROW_OBJECT
+            rows[i][0] = _ROW_OBJECT
             odd[i] = fit
-    table = table.to(device)
+    table = torch.tensor(rows, dtype=torch.float64, device=device).reshape(n, width)
     parts = [torch.empty_like(table) for _ in range(world)]
     dist.all_gather(parts, table)
-    merged: dict[int, Any] = {}
-    need_objects = False
+    # This rank's own fits are kept as they are (the round trip through float64 is exact, so they equal what the
+    # other ranks decode); only the other ranks' rows are decoded.
+    merged: dict[int, Any] = {i: fit for i, fit in mine.items() if i not in odd}
+    need_objects = bool(odd)
     for part in parts:
-        part_rows = part.cpu().tolist()
-        for i, row in enumerate(part_rows):
-            if row[0] == _ROW_PACKED:
-                floats = row[1 : 1 + len(_FIT_FLOATS)]
-                ints = row[1 + len(_FIT_FLOATS) :]
+        for i, row in enumerate(part.cpu().tolist()):
+            if row[0] == _ROW_PACKED and i not in merged:
                 merged[i] = WeibullFit(
-                    **dict(zip(_FIT_FLOATS, floats)),
-                    **{f: int(v) for f, v in zip(_FIT_INTS, ints)},
+                    **dict(zip(_FIT_FLOATS, row[1 : 1 + len(_FIT_FLOATS)])),
+                    **{f: int(v) for f, v in zip(_FIT_INTS, row[1 + len(_FIT_FLOATS) :])},
                     method="histogram",
                     ok=True,
                     reason=None,
