@@ -116,6 +116,16 @@ def assert_same_fits(check: dict, tolerance: float = K_TOLERANCE) -> None:
         assert math.isclose(got[2], ref[2], rel_tol=1e-9, abs_tol=1e-12), (key, got[2], ref[2])
 
 
+def assert_same_extra_fields(check: dict) -> None:
+    """Standard errors and quantiles (exact reprs in the rows) equal the single-process ones too."""
+    for key, ref in check["ref"].items():
+        for got_field, ref_field in zip(check["dist"][key][9:], ref[9:]):
+            got_value, ref_value = float(got_field), float(ref_field)
+            assert (math.isnan(got_value) and math.isnan(ref_value)) or math.isclose(
+                got_value, ref_value, rel_tol=1e-9, abs_tol=1e-15
+            ), (key, got_field, ref_field)
+
+
 def assert_identical_on_ranks(results: list[dict], name: str) -> None:
     assert results[0][name]["dist"] == results[1][name]["dist"], f"{name}: fits differ between ranks"
 
@@ -145,7 +155,23 @@ def assert_identical_on_ranks(results: list[dict], name: str) -> None:
 def test_distributed_fits_equal_single_process_fits(shard_results, name):
     for result in shard_results:
         assert_same_fits(result[name])
+        assert_same_extra_fields(result[name])
     assert_identical_on_ranks(shard_results, name)
+
+
+@pytest.mark.distributed
+def test_a_fit_that_is_not_ok_crosses_ranks_with_the_ok_ones(shard_results):
+    # ok histogram fits are shared as float64 table rows, a not-ok fit (all-zero matrix) as an object: every rank
+    # must hold both, equal to the single-process fits, field for field.
+    for result in shard_results:
+        check = result["ddp_mixed"]
+        zero, ref = check["dist"]["all_zero"], check["ref"]["all_zero"]
+        assert zero[6] is False and zero[7] == ref[7] and zero[3:6] == ref[3:6], (zero, ref)
+        assert_same_fits(
+            {key: {k: v for k, v in part.items() if k != "all_zero"} for key, part in check.items()}
+        )
+        assert_same_extra_fields(check)
+    assert_identical_on_ranks(shard_results, "ddp_mixed")
 
 
 @pytest.mark.distributed

@@ -32,6 +32,12 @@ def fit_row(fit) -> list:
         bool(fit.ok),
         fit.reason,
         fit.method,
+        # The remaining fields as exact reprs (nan included), so that ranks comparing rows compare every bit of
+        # what crossed between them (the fits travel as a float64 table).
+        *(
+            repr(getattr(fit, field))
+            for field in ("k_stderr", "scale_rel_stderr", "q10", "q50", "q90", "q99", "q999")
+        ),
     ]
 
 
@@ -119,6 +125,12 @@ def zero3_standin(weight: torch.Tensor, rank: int, world: int) -> torch.nn.Param
     return param
 
 
+def reference_fits_of(named):
+    from weibull_monitor.fit import fit_many
+
+    return dict(fit_many(named, method="histogram"))
+
+
 def check_ddp(out: dict) -> None:
     from weibull_monitor import distributed
     from weibull_monitor.toy import tiny_llama
@@ -137,6 +149,17 @@ def check_ddp(out: dict) -> None:
     out["ddp_exact"] = {
         "dist": fits_json(distributed.compute_fits(entries, "exact")),
         "ref": fits_json(exact_ref),
+    }
+    # A fit that is not ok (an all-zero matrix) among ok ones: it crosses as an object, the others as table rows.
+    from weibull_monitor.snapshot import MatrixEntry
+
+    zeros = torch.zeros(64, 64)
+    mixed = [*entries, MatrixEntry("all_zero", "all_zero", zeros, "other")]
+    mixed_ref = dict(reference)
+    mixed_ref["all_zero"] = reference_fits_of([("all_zero", zeros)])["all_zero"]
+    out["ddp_mixed"] = {
+        "dist": fits_json(distributed.compute_fits(mixed, "histogram")),
+        "ref": fits_json(mixed_ref),
     }
     # Which rank histogrammed what: each rank should carry about half of the elements.
     sizes = [e.tensor.numel() for e in entries]
