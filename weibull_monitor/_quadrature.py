@@ -32,11 +32,6 @@ def weibull_y(f: np.ndarray) -> np.ndarray:
     return np.log(-np.log1p(-f))
 
 
-def weibull_dy(f: np.ndarray) -> np.ndarray:
-    """dy/dF = 1 / ((1 - F) (-ln(1 - F)))."""
-    return 1.0 / ((1.0 - f) * -np.log1p(-f))
-
-
 def half_normal_quantile(f: np.ndarray) -> np.ndarray:
     """Quantile of |Z|, Z ~ N(0, 1): sqrt(2) erfinv(F), to float64 precision."""
     import torch

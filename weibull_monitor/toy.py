@@ -6,7 +6,6 @@ source of the Python standard library that every install carries, read as bytes 
 
 from __future__ import annotations
 
-import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,9 +109,3 @@ class ByteWindowDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = self.windows[index]
         return {"input_ids": ids, "labels": ids.clone()}
-
-
-def cpu_threads_hint() -> int:
-    """Threads worth using for CPU work here (respects an explicit ``OMP_NUM_THREADS``)."""
-    env = os.environ.get("OMP_NUM_THREADS")
-    return int(env) if env and env.isdigit() else (os.cpu_count() or 1)
