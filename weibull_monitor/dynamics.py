@@ -229,7 +229,8 @@ def median_stderr(stderrs: Iterable[float]) -> float:
     return 1.2533 * statistics.median(values) / math.sqrt(len(values))
 
 
-def _median(values: Iterable[float]) -> float:
+def finite_median(values: Iterable[float]) -> float:
+    """Median of the finite values; NaN when there is none."""
     finite = [v for v in values if _finite(v)]
     return statistics.median(finite) if finite else NAN
 
@@ -266,16 +267,18 @@ def aggregates(
     out: dict[str, float] = {}
     for klass, keys in sorted(class_members(fits, roles, stats).items()):
         ks = [fits[key].k for key in keys]
-        k_med = _median(ks)
+        k_med = finite_median(ks)
         base = f"{METRIC_PREFIX}/{klass}"
         values = {
             "k_median": k_med,
             "k_drift": k_med - k_anchor,
             "k_drift_z": _ratio(k_med - k_anchor, median_stderr(fits[key].k_stderr for key in keys)),
-            "scale_median": _median(fits[key].scale for key in keys),
-            "scale_growth": _median(stats[key].scale_growth for key in keys),
-            "scale_over_sqrt_lr_wd": _median(stats[key].scale_over_sqrt_lr_wd for key in keys),
-            "scale_over_sqrt_peak_lr_wd": _median(stats[key].scale_over_sqrt_peak_lr_wd for key in keys),
+            "scale_median": finite_median(fits[key].scale for key in keys),
+            "scale_growth": finite_median(stats[key].scale_growth for key in keys),
+            "scale_over_sqrt_lr_wd": finite_median(stats[key].scale_over_sqrt_lr_wd for key in keys),
+            "scale_over_sqrt_peak_lr_wd": finite_median(
+                stats[key].scale_over_sqrt_peak_lr_wd for key in keys
+            ),
         }
         out.update({f"{base}/{name}": v for name, v in values.items() if _finite(v)})
     sel, trans = (

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from weibull_monitor.dynamics import finite_median
+
 __all__ = [
     "RunResult",
     "Setting",
@@ -416,11 +418,6 @@ def _decayed_rates(fits: list[dict]) -> tuple[float, float] | None:
     return statistics.median(f["lr_peak"] for f in rows), statistics.median(f["weight_decay"] for f in rows)
 
 
-def _nan_median(values: list[float]) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
-
-
 def load_run_result(store: Any, run: dict[str, Any]) -> tuple[RunResult | None, str | None]:
     """One run's series from an open :class:`RunStore`, or (None, why) when the study cannot use it: no decayed
     Transmission matrices, fewer than two snapshots with T/τ, or no Transmission scale at the last snapshot (a
@@ -456,7 +453,7 @@ def load_run_result(store: Any, run: dict[str, Any]) -> tuple[RunResult | None, 
     classes = ("selection", "value", "transmission")
     k = {c: [metrics[s].get(K_MEDIAN.format(klass=c), math.nan) for s in steps] for c in classes}
     if fused:
-        k["qkv (fused)"] = [_nan_median(fused.get(s, [])) for s in steps]
+        k["qkv (fused)"] = [finite_median(fused.get(s, [])) for s in steps]
     kinds = [s.get("attention_kind") for s in snaps if s.get("attention_kind")]
     result = RunResult(
         name=str(run["name"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import statistics
 import struct
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -58,14 +59,6 @@ def _finite_or_nan(value: Any) -> float:
     return number if math.isfinite(number) else math.nan
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
 class KHistory:
     """Per-layer median k of the heatmap groups (Q, K, FFN) over the snapshots seen so far.
 
@@ -90,7 +83,7 @@ class KHistory:
         if snapshot.step not in self.steps:
             self.steps.append(snapshot.step)
         for (group, layer), ks in per_cell.items():
-            self.values[group][layer][snapshot.step] = _median(ks)
+            self.values[group][layer][snapshot.step] = statistics.median(ks)
 
     def matrix(self, group: str) -> tuple[list[int], list[int], list[list[float]]]:
         """(layers, steps, rows of k with nan where a layer had no fit at a step) for one group."""
@@ -114,7 +107,7 @@ def render_k_heatmap(history: KHistory, anchor: float | None = None) -> Any:
     figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.2), dpi=90)
     FigureCanvasAgg(figure)
     all_k = [k for g in groups for row in history.matrix(g)[2] for k in row if math.isfinite(k)]
-    centre = anchor if anchor is not None else (_median(all_k) if all_k else 1.2)
+    centre = anchor if anchor is not None else (statistics.median(all_k) if all_k else 1.2)
     spread = max([abs(k - centre) for k in all_k] + [0.02])
     for index, group in enumerate(groups or ["(no layered fits)"]):
         axes = figure.add_subplot(1, max(1, len(groups)), index + 1)
