@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weibull_monitor import expectations
-from weibull_monitor.dynamics import median_stderr
+from weibull_monitor.dynamics import is_finite_number, median_stderr
 
 logger = logging.getLogger("weibull_monitor.alerts")
 
@@ -240,10 +240,6 @@ class AlertEngine:
 # are ignored except by NonFiniteWeights.
 
 
-def _finite(x: Any) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _class_members(snapshot: Any, klass: str) -> list[str]:
     """Keys of the ok fits of a class that count in the class aggregates (each weight element once)."""
     stats = getattr(snapshot, "matrices", {}) or {}
@@ -347,7 +343,7 @@ class SelectionDepartureOnset(Rule):
         departed = []
         for key in _class_members(snapshot, "selection"):
             s = stats.get(key)
-            if s is None or not _finite(s.drift) or not _finite(s.drift_z):
+            if s is None or not is_finite_number(s.drift) or not is_finite_number(s.drift_z):
                 continue
             if abs(s.drift) >= self.min_drift and abs(s.drift_z) >= self.z:
                 departed.append((abs(s.drift_z), key, s))
@@ -393,7 +389,7 @@ class TransmissionOutOfBand(Rule):
             return []
         median = statistics.median(snapshot.fits[key].k for key in members)
         se = median_stderr(snapshot.fits[key].k_stderr for key in members)
-        margin = self.z * se if _finite(se) else 0.0
+        margin = self.z * se if is_finite_number(se) else 0.0
         low, high = self.band
         if low - margin <= median <= high + margin:
             return []
@@ -426,7 +422,7 @@ class NonWeibullShape(Rule):
     def evaluate(self, snapshot: Any) -> list[Breach]:
         breaches = []
         for key, fit in snapshot.fits.items():
-            if not fit.ok or not _finite(fit.r2) or fit.r2 >= self.r2_min:
+            if not fit.ok or not is_finite_number(fit.r2) or fit.r2 >= self.r2_min:
                 continue
             role = snapshot.roles.get(key)
             if self.classes is not None and (role is None or role.klass not in self.classes):
@@ -485,9 +481,9 @@ class ScaleRunaway(Rule):
                 if self.max_over_expectation is None
                 else self.max_over_expectation * self.expectation_constant
             )
-            if _finite(growth) and growth > self.max_growth:
+            if is_finite_number(growth) and growth > self.max_growth:
                 message = f"{_short(key, snapshot)} scale grew {growth:.2f}x since the first snapshot (> {self.max_growth:g}x)"
-            elif limit is not None and _finite(ratio) and ratio > limit:
+            elif limit is not None and is_finite_number(ratio) and ratio > limit:
                 message = (
                     f"{_short(key, snapshot)} scale/sqrt(lr_peak/wd) = {ratio:.3g} > {limit:.3g} "
                     f"({self.max_over_expectation:g}x the expectation {self.expectation_constant:g})"
@@ -495,7 +491,9 @@ class ScaleRunaway(Rule):
             else:
                 continue
             values = {"scale": fit.scale, "scale_growth": growth, "scale_over_sqrt_peak_lr_wd": ratio}
-            breaches.append(Breach(key, (key,), {k: v for k, v in values.items() if _finite(v)}, message))
+            breaches.append(
+                Breach(key, (key,), {k: v for k, v in values.items() if is_finite_number(v)}, message)
+            )
         return breaches
 
 

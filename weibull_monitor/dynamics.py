@@ -23,12 +23,13 @@ METRIC_PREFIX = "weibull"
 CLASSES = ("selection", "transmission", "value", "mixed", "other")
 
 
-def _finite(x: Any) -> bool:
+def is_finite_number(x: Any) -> bool:
+    """A real int or float that is neither NaN nor infinite (None and other types are not)."""
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _ratio(num: float, den: float) -> float:
-    if not (_finite(num) and _finite(den)) or den == 0:
+    if not (is_finite_number(num) and is_finite_number(den)) or den == 0:
         return NAN
     return num / den
 
@@ -167,7 +168,7 @@ class MatrixStats:
 
 def scale_over_sqrt_lr_wd(scale: float, lr: float, weight_decay: float) -> float:
     """λ / √(η/λ_wd); NaN when η or λ_wd is not positive (the expectation needs decoupled decay)."""
-    if not (_finite(lr) and _finite(weight_decay)) or lr <= 0 or weight_decay <= 0:
+    if not (is_finite_number(lr) and is_finite_number(weight_decay)) or lr <= 0 or weight_decay <= 0:
         return NAN
     return _ratio(scale, math.sqrt(lr / weight_decay))
 
@@ -200,7 +201,7 @@ def matrix_stats(
         else:
             lr, wd = NAN, NAN
         peak = budget.peak_lr(group) if group is not None else NAN
-        if not _finite(peak):
+        if not is_finite_number(peak):
             peak = lr
         out[key] = MatrixStats(
             metric_key=metric_keys.get(key),
@@ -223,7 +224,7 @@ def matrix_stats(
 
 def median_stderr(stderrs: Iterable[float]) -> float:
     """Standard error of the median of m estimates whose typical standard error is s: ≈ 1.2533·s/√m."""
-    values = [s for s in stderrs if _finite(s)]
+    values = [s for s in stderrs if is_finite_number(s)]
     if not values:
         return NAN
     return 1.2533 * statistics.median(values) / math.sqrt(len(values))
@@ -231,7 +232,7 @@ def median_stderr(stderrs: Iterable[float]) -> float:
 
 def finite_median(values: Iterable[float]) -> float:
     """Median of the finite values; NaN when there is none."""
-    finite = [v for v in values if _finite(v)]
+    finite = [v for v in values if is_finite_number(v)]
     return statistics.median(finite) if finite else NAN
 
 
@@ -280,18 +281,18 @@ def aggregates(
                 stats[key].scale_over_sqrt_peak_lr_wd for key in keys
             ),
         }
-        out.update({f"{base}/{name}": v for name, v in values.items() if _finite(v)})
+        out.update({f"{base}/{name}": v for name, v in values.items() if is_finite_number(v)})
     sel, trans = (
         out.get(f"{METRIC_PREFIX}/selection/k_median"),
         out.get(f"{METRIC_PREFIX}/transmission/k_median"),
     )
     if sel is not None and trans is not None:
         out[f"{METRIC_PREFIX}/selection_transmission_gap"] = sel - trans
-    if T_over_tau is not None and _finite(T_over_tau):
+    if T_over_tau is not None and is_finite_number(T_over_tau):
         out[f"{METRIC_PREFIX}/T_over_tau"] = float(T_over_tau)
     for key, s in sorted(stats.items()):
         fit = fits[key]
-        if s.metric_key and fit.ok and _finite(fit.k):
+        if s.metric_key and fit.ok and is_finite_number(fit.k):
             out[s.metric_key] = float(fit.k)
     return out
 
@@ -304,7 +305,7 @@ def representative_budget(
     elements: dict[int, int] = {}
     for key, n in sizes.items():
         group = group_of.get(key)
-        if group is not None and _finite(budget.budget(group)):
+        if group is not None and is_finite_number(budget.budget(group)):
             elements[group] = elements.get(group, 0) + int(n)
     if not elements:
         return None
