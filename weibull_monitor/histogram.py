@@ -18,10 +18,12 @@ NONFINITE_COLUMN.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,6 +64,8 @@ CPU_CHUNK_ELEMENTS = 1 << 21
 ~15% and 256K by ~2x, the per-call bincount output costing more than the cache misses)."""
 DEVICE_CHUNK_ELEMENTS = 1 << 26
 """Elements coded per step on an accelerator: bounds the temporary codes to 128 MB whatever the matrix size."""
+PARALLEL_MIN_ELEMENTS = 1 << 18
+"""Below this many elements in all, a batch is counted on the calling thread (a pool hand-off costs more)."""
 SMALL_ELEMENTS = 1 << 16
 """Tensors up to this size are counted together, many per bincount."""
 BATCH_ROWS = 256
@@ -93,16 +97,20 @@ _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # index of the high int16 in
 _BUFFERS = threading.local()
 
 
-def _code_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def _code_buffer(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> torch.Tensor | None:
     """A reusable per-thread output buffer on CPU (fresh multi-MB allocations per chunk cost more than the coding,
-    measured); None elsewhere (accelerators have caching allocators)."""
+    measured); None elsewhere (accelerators have caching allocators). ``zeroed``: a separate buffer created
+    zeroed, which its users leave zeroed (the kernel's scratch)."""
     if device.type != "cpu":
         return None
     numel = math.prod(shape)
-    key = f"buffer_{dtype}"
+    key = f"buffer_{dtype}_{zeroed}"
     buffer = getattr(_BUFFERS, key, None)
     if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(max(numel, CPU_CHUNK_ELEMENTS), dtype=dtype)
+        size = numel if zeroed else max(numel, CPU_CHUNK_ELEMENTS)
+        buffer = torch.zeros(size, dtype=dtype) if zeroed else torch.empty(size, dtype=dtype)
         setattr(_BUFFERS, key, buffer)
     return buffer[:numel].view(shape)
 
@@ -164,15 +172,58 @@ _POOL_PREFIX = "weibull-histogram"
 
 def _pool_size() -> int:
     """As many workers as torch may use threads (the user's torch.set_num_threads is respected)."""
-    return max(1, torch.get_num_threads())
+    return max(1, getattr(_ONE_THREAD, "saved", None) or torch.get_num_threads())
+
+
+_ONE_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def torch_on_one_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run torch's CPU ops single-threaded inside the block (the histogram pool keeps the caller's thread count).
+
+    Why: torch's OpenMP workers spin for several ms after every parallel op, on the very cores the counting pool
+    needs (measured: a 125M fp32 ``fit_many`` 83 ms with the fit's small ops parallel, 74 ms without); the fit's
+    ops on [32, a few thousand] tensors gain nothing from a second thread. Restores the setting on exit; a no-op
+    off CPU, nested, or when torch already runs one thread.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads <= 1 or getattr(_ONE_THREAD, "saved", None):
+        yield
+        return
+    _ONE_THREAD.saved = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _ONE_THREAD.saved = None
 
 
 def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """Workers for CPU histograms: ``torch.bincount`` runs on one thread, so chunks are spread across cores."""
+    """Workers for CPU histograms: counting runs on one thread per call, so chunks are spread across cores."""
     pool = _POOLS.get(size)
     if pool is None:
         pool = _POOLS[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix=_POOL_PREFIX)
     return pool
+
+
+def _load_kernel() -> Callable[..., None] | None:
+    """The compiled counting kernel, or None (not built, or WEIBULL_MONITOR_COUNTING=torch asks for torch ops)."""
+    if os.environ.get("WEIBULL_MONITOR_COUNTING", "").strip().lower() == "torch":
+        return None
+    try:
+        from weibull_monitor import _codecount
+    except ImportError:
+        return None
+    return _codecount.count_codes
+
+
+_KERNEL = _load_kernel()
+COUNTING_BACKEND: str = "c-extension" if _KERNEL is not None else "torch"
+"""How CPU histograms are counted: "c-extension" (the fused kernel built at install, ~0.3 ns per element per core)
+or "torch" (mask pass + ``torch.bincount``, ~0.8 ns; used when no C compiler was available at install). Both give
+identical counts; accelerators always count with torch ops."""
 
 
 def _bincount(chunk: torch.Tensor) -> torch.Tensor:
@@ -183,34 +234,87 @@ def _bincount(chunk: torch.Tensor) -> torch.Tensor:
         return torch.bincount(codes.to(torch.int64), minlength=N_BINS)
 
 
+def _kernel_words(chunk: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int] | None:
+    """(tensor kept alive, word address, rows, cols, row stride, col stride) of the 16-bit words whose low 15 bits
+    are the codes of a CPU chunk, for the kernel; None when the kernel cannot read it (then torch ops count it)."""
+    if chunk.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = chunk
+    elif histogram_kind(chunk.dtype) == "bf16":  # float8: exact in bf16
+        t = chunk.to(torch.bfloat16)
+    else:  # fp64 rounded to fp32, as _codes does
+        t = chunk.to(torch.float32)
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dim() > 2:
+        if not t.is_contiguous():
+            return None
+        t = t.view(-1)
+    rows, cols = (1, t.shape[0]) if t.dim() == 1 else (t.shape[0], t.shape[1])
+    row_stride, col_stride = (0, t.stride(0)) if t.dim() == 1 else (t.stride(0), t.stride(1))
+    address = t.data_ptr()
+    if t.dtype == torch.float32:  # the high half of each 4-byte pattern: 2 words per element
+        address += 2 * _HIGH_HALF
+        row_stride, col_stride = 2 * row_stride, 2 * col_stride
+    return t, address, rows, cols, row_stride, col_stride
+
+
+_ADD_LOCK = threading.Lock()
+
+
+def _count_into(row: torch.Tensor, chunk: torch.Tensor) -> None:
+    """Add the code counts of a CPU chunk to ``row`` (contiguous int64 [N_BINS] on CPU). Safe to call from several
+    threads on one row: the kernel adds with the GIL held, the torch route under a lock."""
+    if chunk.numel() == 0:
+        return
+    words = _kernel_words(chunk) if _KERNEL is not None else None
+    if words is None:
+        part = _bincount(chunk)
+        with _ADD_LOCK:
+            row += part
+        return
+    _keep_alive, address, rows, cols, row_stride, col_stride = words
+    scratch = _code_buffer(torch.Size([N_BINS]), torch.int32, row.device, zeroed=True)
+    _KERNEL(address, rows, cols, row_stride, col_stride, scratch.data_ptr(), row.data_ptr())
+
+
+def _run_counts(jobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Run (row, chunk) counting jobs on CPU, spread over the pool in groups of about equal element counts (one
+    hand-off per worker, not per chunk: thousands of small matrices cost no more than their counting)."""
+    size = _pool_size()
+    total = sum(chunk.numel() for _, chunk in jobs)
+    if (
+        size <= 1
+        or len(jobs) <= 1
+        or total < PARALLEL_MIN_ELEMENTS
+        or threading.current_thread().name.startswith(_POOL_PREFIX)
+    ):
+        _run_group(jobs)
+        return
+    groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(size)]
+    loads = [0] * size
+    for job in sorted(jobs, key=lambda j: j[1].numel(), reverse=True):  # largest first, to the least loaded
+        lightest = loads.index(min(loads))
+        groups[lightest].append(job)
+        loads[lightest] += job[1].numel()
+    for _ in _thread_pool(size).map(_run_group, groups):
+        pass
+
+
+def _run_group(jobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for row, chunk in jobs:
+        _count_into(row, chunk)
+
+
 def _raw_counts(t: torch.Tensor) -> torch.Tensor:
     """int64 [N_BINS] counts of the magnitude codes of ``t``, on its device, chunk by chunk."""
     if t.device.type != "cpu":
-        chunks = _chunks(t, DEVICE_CHUNK_ELEMENTS)
         acc = torch.zeros(N_BINS, dtype=torch.int64, device=t.device)
-        for chunk in chunks:
+        for chunk in _chunks(t, DEVICE_CHUNK_ELEMENTS):
             acc += _bincount(chunk)
         return acc
-    chunks = _chunks(t, CPU_CHUNK_ELEMENTS)
-    size = _pool_size()
-    if size <= 1 or len(chunks) <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
-        return _count_chunks(chunks)
-    # One group of chunks per worker, each summed where it was counted: the caller adds `size` rows.
-    parts = list(_thread_pool(size).map(_count_chunks, [chunks[i::size] for i in range(size)]))
-    total = parts[0]
-    for part in parts[1:]:
-        total += part
-    return total
-
-
-def _count_chunks(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of the code counts of some chunks of one tensor (zeros for none)."""
-    if not chunks:
-        return torch.zeros(N_BINS, dtype=torch.int64)
-    total = _bincount(chunks[0])
-    for chunk in chunks[1:]:
-        total += _bincount(chunk)
-    return total
+    acc = torch.zeros(N_BINS, dtype=torch.int64)
+    _run_counts([(acc, chunk) for chunk in _chunks(t, CPU_CHUNK_ELEMENTS)])
+    return acc
 
 
 def _finalise(raw: torch.Tensor, kinds: Sequence[str]) -> torch.Tensor:
@@ -652,7 +756,7 @@ class HistogramBatch:
         if counts.device.type == "mps":  # no float64 there: fit the (small) counts on the CPU, one transfer
             counts = counts.cpu()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch_on_one_thread(counts.device):
                 return _fit_counts(counts, self.kinds, self.reasons)
         except Exception as exc:
             why = f"fit failed: {type(exc).__name__}: {exc}"
@@ -676,25 +780,20 @@ def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
     device = next((t.device for t in readable if t is not None), torch.device("cpu"))
     counts = torch.zeros(len(readable), N_COLUMNS, dtype=torch.int64, device=device)
     raw = counts[:, :N_BINS]  # filled in place: no second [M, N_COLUMNS] copy
-    small: list[int] = []
-    cpu_chunks: list[tuple[int, torch.Tensor]] = []  # (row, chunk): spread over the pool across matrices
-    with torch.no_grad():
+    small: list[int] = []  # shared torch bincounts, where the kernel does not count
+    cpu_jobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row, chunk): spread over the pool across matrices
+    with torch.no_grad(), torch_on_one_thread(device):
         for i, t in enumerate(readable):
             if t is None:
                 continue
-            if t.numel() <= SMALL_ELEMENTS and t.device == device:
+            on_cpu = t.device.type == "cpu" and device.type == "cpu"
+            if on_cpu and (_KERNEL is not None or t.numel() > SMALL_ELEMENTS):
+                cpu_jobs += [(raw[i], c) for c in _chunks(t, CPU_CHUNK_ELEMENTS)]
+            elif t.numel() <= SMALL_ELEMENTS and t.device == device:
                 small.append(i)
-            elif t.device.type == "cpu":
-                cpu_chunks += [(i, c) for c in _chunks(t, CPU_CHUNK_ELEMENTS)]
             else:
                 raw[i] = _raw_counts(t).to(device)
-        threads = _pool_size()
-        if threads > 1 and len(cpu_chunks) > 1:
-            parts = _thread_pool(threads).map(_bincount, [c for _, c in cpu_chunks])
-        else:
-            parts = (_bincount(c) for _, c in cpu_chunks)
-        for (i, _), part in zip(cpu_chunks, parts):
-            raw[i] += part.to(device)
+        _run_counts(cpu_jobs)
         for start in range(0, len(small), BATCH_ROWS):
             rows = small[start : start + BATCH_ROWS]
             part = _batched_raw_counts([readable[i] for i in rows])

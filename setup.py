@@ -1,0 +1,18 @@
+"""Build hook for the optional C counting kernel; all metadata lives in pyproject.toml.
+
+The extension is optional: without a C compiler the install still succeeds and the histograms count with torch ops
+(slower on CPU, same counts). ``weibull_monitor.histogram.COUNTING_BACKEND`` says which one is in use.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "weibull_monitor._codecount",
+            sources=["weibull_monitor/_codecount.c"],
+            extra_compile_args=["-O3"] if __import__("sys").platform != "win32" else ["/O2"],
+            optional=True,
+        )
+    ]
+)

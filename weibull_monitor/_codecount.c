@@ -1,0 +1,96 @@
+/* Fused code-and-count kernel for CPU histograms (weibull_monitor.histogram).
+ *
+ * Counts the 15-bit magnitude code (word & 0x7FFF) of 16-bit words laid out as a 2-D strided view, in one read
+ * pass. The words are bf16/fp16 patterns, or the high halves of fp32 patterns (column stride 2, base + 1 word on
+ * little-endian machines), so this is the same code torch.bincount(bits & 0x7FFF) counts, without the mask pass,
+ * bincount's own min and max passes, or a code tensor the size of the chunk.
+ *
+ * Why not torch: torch.bincount counts one element at a time after two extra passes (~0.65 ns per element per
+ * core here); this loop is ~0.3 ns, below one vector_norm(p, 1) read pass (~0.85 ns).
+ *
+ * The counting runs without the GIL (callers spread chunks across a thread pool). Each thread counts into its own
+ * uint32 scratch row; the scratch is then added to the shared int64 output row with the GIL held, which
+ * serialises the additions of threads that count chunks of the same matrix, and zeroed for the next call.
+ * Only the span of codes seen is drained, so small tensors do not pay for 32768 bins.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define N_BINS 32768
+#define CODE_MASK 0x7FFF
+
+static void count_rows(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t row_stride,
+                       Py_ssize_t col_stride, uint32_t *scratch) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint16_t *row = base + r * row_stride;
+        Py_ssize_t c = 0;
+        if (col_stride == 1) {
+            /* Unrolled by four: independent increments keep the load and store ports busy. */
+            for (; c + 4 <= cols; c += 4) {
+                scratch[row[c] & CODE_MASK]++;
+                scratch[row[c + 1] & CODE_MASK]++;
+                scratch[row[c + 2] & CODE_MASK]++;
+                scratch[row[c + 3] & CODE_MASK]++;
+            }
+        } else {
+            const uint16_t *p = row;
+            for (; c + 4 <= cols; c += 4, p += 4 * col_stride) {
+                scratch[p[0] & CODE_MASK]++;
+                scratch[p[col_stride] & CODE_MASK]++;
+                scratch[p[2 * col_stride] & CODE_MASK]++;
+                scratch[p[3 * col_stride] & CODE_MASK]++;
+            }
+        }
+        for (; c < cols; c++) {
+            scratch[row[c * col_stride] & CODE_MASK]++;
+        }
+    }
+}
+
+static void drain(uint32_t *scratch, int64_t *out) {
+    Py_ssize_t lo = 0, hi = N_BINS - 1;
+    while (lo < N_BINS && scratch[lo] == 0) lo++;
+    while (hi > lo && scratch[hi] == 0) hi--;
+    for (Py_ssize_t k = lo; k <= hi && lo < N_BINS; k++) {
+        out[k] += scratch[k];
+        scratch[k] = 0;
+    }
+}
+
+PyDoc_STRVAR(count_codes_doc,
+             "count_codes(words, rows, cols, row_stride, col_stride, scratch, out)\n\n"
+             "Add the counts of (word & 0x7FFF) over words[r * row_stride + c * col_stride] (uint16 addresses and\n"
+             "strides in words) to out (int64[32768] address). scratch: a zeroed uint32[32768] address owned by the\n"
+             "calling thread, left zeroed. rows * cols must stay below 2**32. The caller checks every argument.");
+
+static PyObject *count_codes(PyObject *self, PyObject *args) {
+    unsigned long long words, scratch_addr, out_addr;
+    Py_ssize_t rows, cols, row_stride, col_stride;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnKK", &words, &rows, &cols, &row_stride, &col_stride, &scratch_addr,
+                          &out_addr)) {
+        return NULL;
+    }
+    if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (double)rows * (double)cols >= 4294967296.0)) {
+        PyErr_SetString(PyExc_ValueError, "count_codes: rows * cols must be in [0, 2**32)");
+        return NULL;
+    }
+    uint32_t *scratch = (uint32_t *)(uintptr_t)scratch_addr;
+    Py_BEGIN_ALLOW_THREADS
+    count_rows((const uint16_t *)(uintptr_t)words, rows, cols, row_stride, col_stride, scratch);
+    Py_END_ALLOW_THREADS
+    drain(scratch, (int64_t *)(uintptr_t)out_addr);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"count_codes", count_codes, METH_VARARGS, count_codes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_codecount", "Fused code-and-count kernel for CPU weight histograms.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__codecount(void) { return PyModule_Create(&module); }
