@@ -756,7 +756,7 @@ class HistogramBatch:
         if counts.device.type == "mps":  # no float64 there: fit the (small) counts on the CPU, one transfer
             counts = counts.cpu()
         try:
-            with torch.no_grad(), torch_on_one_thread(counts.device):
+            with torch.inference_mode(), torch_on_one_thread(counts.device):
                 return _fit_counts(counts, self.kinds, self.reasons)
         except Exception as exc:
             why = f"fit failed: {type(exc).__name__}: {exc}"

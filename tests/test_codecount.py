@@ -1,0 +1,173 @@
+"""The compiled counting kernel (weibull_monitor/_codecount.c) against the torch route, thread safety, fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from weibull_monitor import histogram as H
+from weibull_monitor.histogram import N_BINS, NONFINITE_COLUMN, ZERO_COLUMN, WeightHistogram, histogram_batch
+
+kernel = pytest.mark.skipif(
+    os.environ.get("WEIBULL_MONITOR_COUNTING", "").lower() == "torch",
+    reason="WEIBULL_MONITOR_COUNTING=torch asks for the torch route in this run",
+)
+
+
+@kernel
+def test_the_kernel_is_built_and_in_use():
+    # pip builds it from the sdist with any C compiler; without one the install still works, more slowly. In this
+    # project's CI a compiler is present, so a missing kernel is a packaging defect, not a choice.
+    assert H.COUNTING_BACKEND == "c-extension", "weibull_monitor._codecount was not built (no C compiler?)"
+
+
+@pytest.fixture
+def torch_route(monkeypatch):
+    """Count with torch ops (what an install without a C compiler does)."""
+    monkeypatch.setattr(H, "_KERNEL", None)
+
+
+def _torch_counts(view: torch.Tensor) -> torch.Tensor:
+    row = torch.zeros(N_BINS, dtype=torch.int64)
+    H._count_into(row, view)
+    return row
+
+
+def _special_values(dtype: torch.dtype) -> torch.Tensor:
+    w = torch.randn(96, 80) * 0.02
+    w[0, :6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40])
+    w[1, :3] = torch.tensor([3.0e38, -1e-30, 65504.0])
+    return w.to(dtype)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_counts_equal_the_torch_route_on_every_view(monkeypatch, dtype):
+    base = _special_values(dtype)
+    cube = base.reshape(6, 16, 80)
+    views = {
+        "contiguous": base,
+        "column block": base[:, 16:48],
+        "transposed": base.t(),
+        "every other row": base[::2],
+        "every third column": base[:, ::3],
+        "one row": base[3],
+        "one column": base[:, 5],
+        "scalar": base[2, 2],
+        "empty": base[:0],
+        "3-D contiguous": cube,
+        "3-D permuted (torch route)": cube.permute(2, 0, 1),
+    }
+    for label, view in views.items():
+        with_kernel = _torch_counts(view)
+        monkeypatch.setattr(H, "_KERNEL", None)
+        without = _torch_counts(view)
+        monkeypatch.undo()
+        assert torch.equal(with_kernel, without), label
+        assert int(with_kernel.sum()) == view.numel(), label
+
+
+@kernel
+def test_every_bf16_pattern_through_the_kernel_and_the_torch_route(torch_route):
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    torch_counts = WeightHistogram.from_tensor(patterns).counts
+    H._KERNEL = H._load_kernel()  # monkeypatch restores None -> original after the test
+    assert torch.equal(WeightHistogram.from_tensor(patterns).counts, torch_counts)
+    assert int(torch_counts[ZERO_COLUMN]) == 2 and int(torch_counts[NONFINITE_COLUMN]) == 2 * (N_BINS - 0x7F80)
+
+
+@kernel
+def test_threads_counting_chunks_of_one_matrix_into_one_row_lose_nothing():
+    w = torch.randn(2048, 512) * 0.02
+    expected = _torch_counts(w)
+    row = torch.zeros(N_BINS, dtype=torch.int64)
+    chunks = H._chunks(w, 4096)  # 256 chunks, one row: every drain races with another thread's
+    barrier = threading.Barrier(4)
+
+    def work(part):
+        barrier.wait()
+        for chunk in part:
+            H._count_into(row, chunk)
+
+    threads = [threading.Thread(target=work, args=(chunks[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(row, expected)
+
+
+@kernel
+def test_the_scratch_row_is_left_zeroed():
+    H._count_into(torch.zeros(N_BINS, dtype=torch.int64), torch.randn(300, 300))
+    scratch = H._code_buffer(torch.Size([N_BINS]), torch.int32, torch.device("cpu"), zeroed=True)
+    assert int(scratch.count_nonzero()) == 0
+
+
+@kernel
+def test_the_kernel_refuses_a_count_that_could_overflow_its_scratch():
+    from weibull_monitor import _codecount
+
+    row = torch.zeros(N_BINS, dtype=torch.int64)
+    scratch = torch.zeros(N_BINS, dtype=torch.int32)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        _codecount.count_codes(0, 1 << 16, 1 << 16, 0, 1, scratch.data_ptr(), row.data_ptr())
+    with pytest.raises(ValueError):
+        _codecount.count_codes(0, -1, 4, 0, 1, scratch.data_ptr(), row.data_ptr())
+    with pytest.raises(TypeError):
+        _codecount.count_codes("not an address", 1, 1, 0, 1, 0, 0)
+
+
+def test_batches_agree_between_the_two_routes(torch_route):
+    tensors = [
+        _special_values(torch.float32),
+        _special_values(torch.bfloat16)[:, ::2],
+        torch.zeros(4, 4),
+        torch.empty(0),
+        torch.randn(4096, 600) * 0.02,  # several chunks
+    ]
+    without = histogram_batch(tensors).counts
+    H._KERNEL = H._load_kernel()
+    assert torch.equal(histogram_batch(tensors).counts, without)
+    fits = histogram_batch(tensors).fit_all()
+    H._KERNEL = None
+    assert [f.to_dict() for f in histogram_batch(tensors).fit_all()] == [f.to_dict() for f in fits]
+
+
+def test_an_environment_variable_selects_the_torch_route():
+    code = (
+        "import torch; from weibull_monitor import histogram as H; from weibull_monitor.fit import fit_weibull; "
+        "w = torch.randn(512, 512) * 0.02; print(H.COUNTING_BACKEND, fit_weibull(w).k)"
+    )
+    env = {**os.environ, "WEIBULL_MONITOR_COUNTING": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    backend, k = out.stdout.split()
+    assert backend == "torch" and 1.1 < float(k) < 1.3
+
+
+def test_torch_runs_one_thread_inside_the_block_and_the_pool_keeps_the_callers_count():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with H.torch_on_one_thread():
+            assert torch.get_num_threads() == 1
+            assert H._pool_size() == 2
+            with H.torch_on_one_thread():  # nested: no change, no early restore
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2 and H._pool_size() == 2
+        with H.torch_on_one_thread("meta"):  # not a CPU: left alone
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), H.torch_on_one_thread():
+            raise RuntimeError("a failing fit")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
