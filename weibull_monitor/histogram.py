@@ -78,6 +78,10 @@ EXACT_RANKS = 4096
 """Up to this many middle ranks, the regression runs rank by rank (as the sort-based protocol does)."""
 GRID_POINTS = 1024
 """Beyond EXACT_RANKS, a midpoint grid of this many ranks (|dk| ~ 4e-5 against the sort for fp32, measured)."""
+FP32_EXACT_RANKS = 2048
+"""fp32 rows go to the grid beyond this many middle ranks, not EXACT_RANKS: inside a bin their values are
+interpolated anyway, and at >= 2 ranks per grid point the grid is as close to the sort as rank by rank (measured,
+docs/estimator.md); it cuts the fit's temporaries of small fp32 matrices by half or more."""
 
 
 def histogram_kind(dtype: torch.dtype) -> str:
@@ -462,7 +466,8 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
     lo = torch.div(n + 14, 10, rounding_mode="floor")
     hi = torch.div(9 * n + 5, 10, rounding_mode="floor")
     n_mid = (hi - lo + 1).clamp(min=0)
-    exact_rows = n_mid <= EXACT_RANKS
+    rounded = kind_idx < len(EXACT_KINDS)
+    exact_rows = n_mid <= torch.where(rounded, EXACT_RANKS, FP32_EXACT_RANKS)
     if device.type == "cpu":  # host syncs are free here: no wider than the widest row needs
         width = int(torch.where(exact_rows, n_mid, GRID_POINTS).max().clamp(min=1))
     else:
@@ -479,9 +484,26 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
     f = (pos / safe_n).clamp(1e-12, 1 - 1e-12)
     y = torch.log(-torch.log1p(-f))
 
-    rounded = kind_idx < len(EXACT_KINDS)
-    step_rows = rounded & exact_rows
-    x = _lookup(cum, mags, pos, kind_idx, step_rows, offset)
+    # Quantiles at Hazen positions p*n (rank h+1 with h = p n - 1/2, linear between neighbours): their two
+    # neighbouring ranks are looked up together with the regression's positions, in one search.
+    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=device)
+    h = (levels[None, :] * n_f[:, None] - 0.5).clamp(min=0.0)
+    h = torch.minimum(h, (n_f[:, None] - 1).clamp(min=0.0))
+    base = h.floor()
+    frac = h - base
+    top = (n_f[:, None] - 0.5).clamp(min=0.5)
+    n_levels = len(QUANTILE_LEVELS)
+    # the code's own value where it is exact: every rounded row's quantiles, its regression ranks when rank by rank
+    step = torch.cat(
+        [(rounded & exact_rows)[:, None].expand(-1, width), rounded[:, None].expand(-1, 2 * n_levels)], dim=1
+    )
+    looked_up = _lookup(
+        cum, mags, torch.cat([pos, base + 0.5, torch.minimum(base + 1.5, top)], dim=1), kind_idx, step, offset
+    )
+    x = looked_up[:, :width]
+    x_lo, x_hi = looked_up[:, width : width + n_levels], looked_up[:, width + n_levels :]
+    quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
+
     # Grid sums stand for all n_mid middle ranks: scale them so that every row's sums count ranks.
     per_point = torch.where(exact_rows, torch.ones_like(n_f), n_mid.to(torch.float64) / GRID_POINTS)
     sums = regression_sums(x, y, weight) * per_point[:, None]
@@ -503,17 +525,6 @@ def _fit_rows_on_device(counts: torch.Tensor, kind_idx: torch.Tensor) -> torch.T
         for name, column in zip(("w", "x", "xx", "y", "yy", "xy"), step.unbind(1)):
             j = SUM_NAMES.index(name)
             sums[:, j] = torch.where(stepped, column, sums[:, j])
-
-    # Quantiles at Hazen positions p*n (rank h+1 with h = p n - 1/2, linear between neighbours).
-    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=device)
-    h = (levels[None, :] * n_f[:, None] - 0.5).clamp(min=0.0)
-    h = torch.minimum(h, (n_f[:, None] - 1).clamp(min=0.0))
-    base = h.floor()
-    frac = h - base
-    top = (n_f[:, None] - 0.5).clamp(min=0.5)
-    x_lo = _lookup(cum, mags, base + 0.5, kind_idx, rounded, offset)
-    x_hi = _lookup(cum, mags, torch.minimum(base + 1.5, top), kind_idx, rounded, offset)
-    quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
 
     header = torch.stack(
         [
@@ -637,24 +648,24 @@ def _lookup(
     mags: torch.Tensor,
     pos: torch.Tensor,
     kind_idx: torch.Tensor,
-    step_rows: torch.Tensor,
+    step: torch.Tensor,
     offset: int = 0,
 ) -> torch.Tensor:
     """ln|w| at continuous rank positions ``pos`` [M, P] (element i occupies (i-1, i]), from cumulative counts.
 
-    In rows where ``step_rows`` [M] is true, the value of the element's code (exact for the bf16 and fp16
-    histograms); elsewhere interpolated uniformly in ln|w| inside the code's bin. Column j of ``cum``/``mags``
-    holds code ``offset + j``.
+    Where ``step`` [M, P] is true, the value of the element's code (exact for the bf16 and fp16 histograms);
+    elsewhere interpolated uniformly in ln|w| inside the code's bin. Column j of ``cum``/``mags`` holds code
+    ``offset + j``.
     """
     table = _tables(cum.device).reshape(3, -1)
     # The element at position r is in the first code whose cumulative count reaches ceil(r).
     code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp(max=cum.shape[1] - 1)
-    before = cum.gather(1, code) - mags.gather(1, code)
-    count = mags.gather(1, code).to(torch.float64).clamp(min=1.0)
-    t = ((pos - before.to(torch.float64)) / count).clamp(0.0, 1.0)
+    count = mags.gather(1, code)
+    before = (cum.gather(1, code) - count).to(torch.float64)
+    t = ((pos - before) / count.to(torch.float64).clamp(min=1.0)).clamp(0.0, 1.0)
     flat = (kind_idx[:, None] * N_BINS + code + offset).reshape(-1)
     value, low, high = (table[i].index_select(0, flat).view_as(pos) for i in range(3))
-    return torch.where(step_rows[:, None], value, low + t * (high - low))
+    return torch.where(step, value, torch.lerp(low, high, t))
 
 
 # ---------------------------------------------------------------------------------------------------------------
