@@ -81,7 +81,9 @@ def test_every_bf16_pattern_through_the_kernel_and_the_torch_route(torch_route):
     torch_counts = WeightHistogram.from_tensor(patterns).counts
     H._KERNEL = H._load_kernel()  # monkeypatch restores None -> original after the test
     assert torch.equal(WeightHistogram.from_tensor(patterns).counts, torch_counts)
-    assert int(torch_counts[ZERO_COLUMN]) == 2 and int(torch_counts[NONFINITE_COLUMN]) == 2 * (N_BINS - 0x7F80)
+    assert int(torch_counts[ZERO_COLUMN]) == 2 and int(torch_counts[NONFINITE_COLUMN]) == 2 * (
+        N_BINS - 0x7F80
+    )
 
 
 @kernel
@@ -171,3 +173,49 @@ def test_torch_runs_one_thread_inside_the_block_and_the_pool_keeps_the_callers_c
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def _mixed_tensors(count: int) -> list:
+    torch.manual_seed(1)
+    makers = [
+        lambda: torch.randn(64, 48) * 0.02,
+        lambda: (torch.randn(40, 40) * 3).to(torch.bfloat16),
+        lambda: (torch.randn(30, 20) * 1e-4).to(torch.float16),
+        lambda: torch.zeros(5, 5),
+        lambda: torch.empty(0, 3),
+        lambda: torch.ones(4, 4, dtype=torch.int8),  # unreadable: a reason, no counts
+        lambda: _special_values(torch.float32),
+        lambda: (torch.rand(300, 70) + 1.0).t(),
+    ]
+    return [makers[i % len(makers)]() for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [3, 33, 150])  # one slice; two slices; more than one fit block
+def test_fit_tensors_equals_fitting_each_slice_alone(count):
+    tensors = _mixed_tensors(count)
+    together = H.fit_tensors(tensors)
+    alone = [fit for i in range(0, count, 32) for fit in histogram_batch(tensors[i : i + 32]).fit_all()]
+    assert len(together) == count
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert (a.ok, a.reason, a.n, a.n_zero, a.n_nonfinite) == (
+            b.ok,
+            b.reason,
+            b.n,
+            b.n_zero,
+            b.n_nonfinite,
+        ), i
+        if a.ok:
+            numbers = {k: v for k, v in b.to_dict().items() if isinstance(v, float)}
+            assert {k: a.to_dict()[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=1e-15), i
+
+
+def test_fit_tensors_reuses_its_buffer_without_leaking_counts_between_slices(torch_route):
+    # the torch route writes whole rows (span unknown): the reused buffer must be zeroed in full between slices
+    tensors = _mixed_tensors(70)
+    H._KERNEL = H._load_kernel()
+    with_kernel = H.fit_tensors(tensors)
+    H._KERNEL = None
+    assert [f.n for f in H.fit_tensors(tensors)] == [f.n for f in with_kernel]
+    assert [f.n for f in with_kernel] == [
+        WeightHistogram.from_tensor(t).n if t.is_floating_point() else 0 for t in tensors
+    ]

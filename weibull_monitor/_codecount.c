@@ -65,21 +65,29 @@ static void count_rows(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, P
     }
 }
 
-static void drain(uint32_t *scratch, int64_t *out) {
-    Py_ssize_t lo = 0, hi = N_BINS - 1;
+/* Adds the codes seen to out and zeroes them in scratch; returns in *lo..*hi the span of the codes >= 1 seen
+ * (lo = N_BINS if none). Code 0 (|w| == 0) is left out of the span: exact zeros are common (pruned or padded
+ * weights, an exact 0.0 from the Gaussian sampler) and would stretch the span the fit reads down to code 1. */
+static void drain(uint32_t *scratch, int64_t *out, Py_ssize_t *lo_out, Py_ssize_t *hi_out) {
+    Py_ssize_t lo = 1, hi = N_BINS - 1;
+    out[0] += scratch[0];
+    scratch[0] = 0;
     while (lo < N_BINS && scratch[lo] == 0) lo++;
     while (hi > lo && scratch[hi] == 0) hi--;
     for (Py_ssize_t k = lo; k <= hi && lo < N_BINS; k++) {
         out[k] += scratch[k];
         scratch[k] = 0;
     }
+    *lo_out = lo;
+    *hi_out = hi;
 }
 
 PyDoc_STRVAR(count_codes_doc,
              "count_codes(words, rows, cols, row_stride, col_stride, scratch, out)\n\n"
              "Add the counts of (word & 0x7FFF) over words[r * row_stride + c * col_stride] (uint16 addresses and\n"
              "strides in words) to out (int64[32768] address). scratch: a zeroed uint32[32768] address owned by the\n"
-             "calling thread, left zeroed. rows * cols must stay below 2**32. The caller checks every argument.");
+             "calling thread, left zeroed. rows * cols must stay below 2**32. The caller checks every argument.\n"
+             "Returns (first, last) code >= 1 counted, or None when there was none.");
 
 static PyObject *count_codes(PyObject *self, PyObject *args) {
     unsigned long long words, scratch_addr, out_addr;
@@ -97,8 +105,12 @@ static PyObject *count_codes(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     count_rows((const uint16_t *)(uintptr_t)words, rows, cols, row_stride, col_stride, scratch);
     Py_END_ALLOW_THREADS
-    drain(scratch, (int64_t *)(uintptr_t)out_addr);
-    Py_RETURN_NONE;
+    Py_ssize_t lo, hi;
+    drain(scratch, (int64_t *)(uintptr_t)out_addr, &lo, &hi);
+    if (lo >= N_BINS) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(nn)", lo, hi);
 }
 
 static PyMethodDef methods[] = {

@@ -451,9 +451,9 @@ def fit_many(
 ) -> dict[str, WeibullFit]:
     """Fit many tensors in one call: name -> WeibullFit, in input order.
 
-    The histogram method works in slices of ``histogram.SLICE_ROWS`` matrices: small matrices of a slice share
-    one bincount, and every fit of a slice finishes after a single device-to-host transfer. TypeError when any
-    value is not a tensor (raised before any work).
+    The histogram method counts in slices of ``histogram.SLICE_ROWS`` matrices and fits up to
+    ``histogram.FIT_BLOCK_ROWS`` of them after a single device-to-host transfer (``histogram.fit_tensors``).
+    TypeError when any value is not a tensor (raised before any work).
     """
     _check_method(method)
     items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
@@ -464,17 +464,11 @@ def fit_many(
             raise TypeError(f"{item[0]!r}: expected a torch.Tensor, got {type(item[1]).__name__}")
     if method == "exact":
         return {name: fit_weibull(t, method="exact") for name, t in items}
-    from weibull_monitor.histogram import SLICE_ROWS, histogram_batch, torch_on_one_thread
+    from weibull_monitor.histogram import fit_tensors
 
-    fits: list[WeibullFit] = []
-    # Slices bound the int64 [rows, 32770] counts (256 KB a row, whatever the matrix size) and the fit's
-    # temporaries: memory stays flat in the number of matrices, at one host sync per slice.
-    device = items[0][1].device if items else torch.device("cpu")
-    with torch_on_one_thread(device if device.type != "meta" else "cpu"):
-        for start in range(0, len(items), SLICE_ROWS):
-            tensors = [t for _, t in items[start : start + SLICE_ROWS]]
-            try:
-                fits += histogram_batch(tensors).fit_all()
-            except Exception:  # never take training down: fall back to one (never-raising) fit at a time
-                fits += [fit_weibull(t) for t in tensors]
+    tensors = [t for _, t in items]
+    try:
+        fits = fit_tensors(tensors)
+    except Exception:  # never take training down: fall back to one (never-raising) fit at a time
+        fits = [fit_weibull(t) for t in tensors]
     return {name: fit for (name, _), fit in zip(items, fits)}
