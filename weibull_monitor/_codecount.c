@@ -65,6 +65,39 @@ static void count_rows(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, P
     }
 }
 
+/* Small inputs: count and track the span of codes >= 1 as we go, so the drain need not scan 32768 bins (which
+ * costs more than counting a 64x64 matrix). */
+#define TRACKED_MAX_ELEMENTS 65536
+
+static void count_rows_tracked(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t row_stride,
+                               Py_ssize_t col_stride, uint32_t *scratch, Py_ssize_t *lo_out,
+                               Py_ssize_t *hi_out) {
+    unsigned lo = N_BINS, hi = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint16_t *p = base + r * row_stride;
+        for (Py_ssize_t c = 0; c < cols; c++, p += col_stride) {
+            unsigned code = p[0] & CODE_MASK;
+            scratch[code]++;
+            if (code) {
+                lo = code < lo ? code : lo;
+                hi = code > hi ? code : hi;
+            }
+        }
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+/* Adds scratch[0] and scratch[lo..hi] to out and zeroes them (the caller knows nothing else was counted). */
+static void drain_range(uint32_t *scratch, int64_t *out, Py_ssize_t lo, Py_ssize_t hi) {
+    out[0] += scratch[0];
+    scratch[0] = 0;
+    for (Py_ssize_t k = lo; k <= hi; k++) {
+        out[k] += scratch[k];
+        scratch[k] = 0;
+    }
+}
+
 /* Adds the codes seen to out and zeroes them in scratch; returns in *lo..*hi the span of the codes >= 1 seen
  * (lo = N_BINS if none). Code 0 (|w| == 0) is left out of the span: exact zeros are common (pruned or padded
  * weights, an exact 0.0 from the Gaussian sampler) and would stretch the span the fit reads down to code 1. */
@@ -102,11 +135,18 @@ static PyObject *count_codes(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint32_t *scratch = (uint32_t *)(uintptr_t)scratch_addr;
-    Py_BEGIN_ALLOW_THREADS
-    count_rows((const uint16_t *)(uintptr_t)words, rows, cols, row_stride, col_stride, scratch);
-    Py_END_ALLOW_THREADS
+    int64_t *out = (int64_t *)(uintptr_t)out_addr;
+    const uint16_t *base = (const uint16_t *)(uintptr_t)words;
     Py_ssize_t lo, hi;
-    drain(scratch, (int64_t *)(uintptr_t)out_addr, &lo, &hi);
+    if ((double)rows * (double)cols <= TRACKED_MAX_ELEMENTS) {
+        count_rows_tracked(base, rows, cols, row_stride, col_stride, scratch, &lo, &hi);
+        drain_range(scratch, out, lo, hi);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        count_rows(base, rows, cols, row_stride, col_stride, scratch);
+        Py_END_ALLOW_THREADS
+        drain(scratch, out, &lo, &hi);
+    }
     if (lo >= N_BINS) {
         Py_RETURN_NONE;
     }
