@@ -38,8 +38,8 @@ def _torch_counts(view: torch.Tensor) -> torch.Tensor:
     return row
 
 
-def _special_values(dtype: torch.dtype) -> torch.Tensor:
-    w = torch.randn(96, 80) * 0.02
+def _special_values(dtype: torch.dtype, rows: int = 96, cols: int = 80) -> torch.Tensor:
+    w = torch.randn(rows, cols) * 0.02
     w[0, :6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40])
     w[1, :3] = torch.tensor([3.0e38, -1e-30, 65504.0])
     return w.to(dtype)
@@ -49,10 +49,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.flo
 
 
 @kernel
+@pytest.mark.parametrize("rows", [96, 960])  # views of up to 64K elements track their span; larger ones scan
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_counts_equal_the_torch_route_on_every_view(monkeypatch, dtype):
-    base = _special_values(dtype)
-    cube = base.reshape(6, 16, 80)
+def test_kernel_counts_equal_the_torch_route_on_every_view(monkeypatch, dtype, rows):
+    base = _special_values(dtype, rows)
+    cube = base.reshape(6, rows // 6, 80)
     views = {
         "contiguous": base,
         "column block": base[:, 16:48],
