@@ -606,7 +606,7 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
             first, width = span_codes[:, 0], int(span.max())
         else:
             first, width = torch.zeros_like(span), cum.shape[1]
-        step = _step_sums(cum, mags, lo, hi, n_f, kind_idx, first, width, offset)
+        step = _step_sums(cum, lo, hi, n_f, kind_idx, first, width, offset)
         for name, column in zip(("w", "x", "xx", "y", "yy", "xy"), step.unbind(1)):
             j = SUM_NAMES.index(name)
             sums[:, j] = torch.where(stepped, column, sums[:, j])
@@ -666,7 +666,6 @@ def _rank_sums_of_y(j: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def _step_sums(
     cum: torch.Tensor,
-    mags: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
     n_f: torch.Tensor,
@@ -678,26 +677,25 @@ def _step_sums(
     """Exact (w, x, xx, y, yy, xy) sums over middle ranks lo..hi for histograms whose elements equal their codes.
 
     Looks at ``width`` columns from ``first`` per row (the middle band on CPU, all columns elsewhere); column j of
-    ``cum``/``mags`` holds code ``offset + j``.
+    ``cum`` holds code ``offset + j``.
     """
     device = cum.device
     offsets = torch.arange(width, device=device)
-    raw_idx = first[:, None] + offsets
-    inside = raw_idx < cum.shape[1]
-    idx = raw_idx.clamp(max=cum.shape[1] - 1)
-    upto = cum.gather(1, idx)
-    before = upto - mags.gather(1, idx)
+    idx = (first[:, None] + offsets).clamp(max=cum.shape[1] - 1)
     low, high = (lo - 1)[:, None], hi[:, None]
-    b = torch.minimum(torch.maximum(upto, low), high)
-    a = torch.where(inside, torch.minimum(torch.maximum(before, low), high), b)  # clamped duplicates: nothing
+    # Middle ranks a+1..b of each column: b is the clamped cumulative count through the column, a the one before
+    # it (the previous column's b; lo - 1 before the first, which holds rank lo). Columns past the end repeat the
+    # last cumulative count, hence b = a = hi there. Consecutive columns share a boundary, so Psi is evaluated once
+    # per boundary: width + 1 of them, from lo - 1 to hi.
+    b = torch.minimum(torch.maximum(cum.gather(1, idx), low), high)
+    bounds = torch.cat([low, b], dim=1)
+    a = bounds[:, :-1]
     m = (b - a).to(torch.float64)
     x = _tables(device)[0][kind_idx[:, None].expand_as(idx), idx + offset]
     n = n_f.clamp(min=1.0)[:, None]
-    ranks = torch.cat([a, b, (lo - 1)[:, None], hi[:, None]], dim=1).to(torch.float64).clamp(min=1.0)
-    psi = _rank_sums_of_y(ranks, n)  # one evaluation for every boundary
-    psi_a, psi_b = psi[:, :width], psi[:, width : 2 * width]
-    sum_xy = (x * torch.where(m > 0, psi_b - psi_a, torch.zeros_like(m))).sum(1)
-    sum_y = psi[:, -1] - psi[:, -2]
+    psi = _rank_sums_of_y(bounds.to(torch.float64).clamp(min=1.0), n)
+    sum_xy = (x * torch.where(m > 0, psi[:, 1:] - psi[:, :-1], torch.zeros_like(m))).sum(1)
+    sum_y = psi[:, -1] - psi[:, 0]
     return torch.stack(
         [m.sum(1), (m * x).sum(1), (m * x * x).sum(1), sum_y, _rank_sums_of_y2(lo, hi, n), sum_xy], 1
     )
