@@ -220,3 +220,26 @@ def test_fit_tensors_reuses_its_buffer_without_leaking_counts_between_slices(tor
     assert [f.n for f in with_kernel] == [
         WeightHistogram.from_tensor(t).n if t.is_floating_point() else 0 for t in tensors
     ]
+
+
+def test_the_accelerator_fit_path_gives_the_cpu_answers(monkeypatch):
+    # Accelerators fit at full code width with no host reads before the one transfer; no GPU is needed to check
+    # that path's arithmetic: run it on CPU counts and compare with the narrowed CPU fit.
+    torch.manual_seed(2)
+    tensors = [
+        *_mixed_tensors(12),
+        (torch.randn(300, 200) * 0.02).to(torch.bfloat16),  # > EXACT_RANKS middle ranks: bin-by-bin sums
+        (torch.randn(500, 100) * 1e-3).to(torch.float16),
+        torch.randn(1000, 300) * 0.02,
+    ]
+    cpu_fits = H.fit_tensors(tensors)
+    monkeypatch.setattr(H, "ACCELERATOR_FIT_ON_CPU", True)
+    accelerator_fits = H.fit_tensors(tensors)
+    batch_fits = histogram_batch(tensors).fit_all()
+    for i, (a, b, c) in enumerate(zip(accelerator_fits, cpu_fits, batch_fits)):
+        assert (a.ok, a.reason, a.n) == (b.ok, b.reason, b.n) == (c.ok, c.reason, c.n), i
+        if a.ok:
+            numbers = {k: v for k, v in b.to_dict().items() if isinstance(v, float)}
+            for other in (a, c):
+                got = {k: other.to_dict()[k] for k in numbers}
+                assert got == pytest.approx(numbers, rel=1e-11, abs=1e-15), i

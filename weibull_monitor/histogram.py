@@ -426,9 +426,22 @@ def _tables(device: torch.device) -> torch.Tensor:
 
 FIT_BLOCK_ROWS = 128
 """Rows fitted together: bounds the [rows, N_BINS] temporaries (~32 MB each) for batches of any size."""
+FIT_BLOCK_ELEMENTS = 1 << 19
+"""Count cells (rows x used codes) per fitted block: 128 matrices of ~4000 used codes, ~4 MB per int64 temporary.
+Wider spans (fp32 weights over many octaves) fit fewer rows at a time, so memory stays flat."""
 PARALLEL_FIT_MIN_ROWS = 16
 """On CPU, batches of at least twice this many rows are fitted in blocks across the counting pool's threads
 (measured, 128 rows of a 125M model on 2 cores: 8.3 ms on one thread)."""
+
+
+ACCELERATOR_FIT_ON_CPU = False
+"""Tests only: fit CPU counts the way accelerators do (full code width, no host reads before the one transfer), so
+that path is checked on machines without an accelerator."""
+
+
+def _host_reads_free(device: torch.device) -> bool:
+    """Whether the fit may read values back to the host mid-way (to narrow its work): on CPU, where that is free."""
+    return device.type == "cpu" and not ACCELERATOR_FIT_ON_CPU
 
 
 class _Compact(NamedTuple):
@@ -450,7 +463,7 @@ def _compact(counts: torch.Tensor, span: Span = ALL_CODES, copy: bool = False) -
     when it is known, else to the columns some row uses (``amax`` over rows: one read of the counts); elsewhere
     the full width. ``copy``: own the data (the counts buffer is then free for reuse)."""
     lo, hi = 1, N_BINS - 1  # code 0 has moved to ZERO_COLUMN
-    if counts.device.type == "cpu":
+    if _host_reads_free(counts.device):
         if span == ALL_CODES:
             used = counts[:, :N_BINS].amax(0).nonzero()  # counts >= 0; ~3x faster than any(0) (measured)
             span = (int(used[0]), int(used[-1])) if used.numel() else NO_CODES
@@ -494,7 +507,7 @@ def _fit_compact(counts: _Compact, kinds: Sequence[str], reasons: Sequence[str |
     if m == 0:
         return []
     kind_idx = torch.tensor([KINDS.index(k) for k in kinds], device=counts.mags.device)
-    rows = FIT_BLOCK_ROWS
+    rows = _block_rows(counts.mags.shape[1])
     threads = _pool_size()
     parallel = (
         counts.mags.device.type == "cpu"
@@ -534,6 +547,11 @@ def _fit_compact(counts: _Compact, kinds: Sequence[str], reasons: Sequence[str |
     return fits
 
 
+def _block_rows(width: int) -> int:
+    """Rows per fitted block for counts ``width`` code columns wide (FIT_BLOCK_ROWS at most, 8 at least)."""
+    return max(8, min(FIT_BLOCK_ROWS, FIT_BLOCK_ELEMENTS // max(1, width)))
+
+
 def _fit_block_no_grad(block: tuple[_Compact, torch.Tensor]) -> torch.Tensor:
     with torch.inference_mode():  # a pool thread does not inherit the caller's grad mode
         return _fit_rows_on_device(*block)
@@ -553,7 +571,7 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
     n_mid = (hi - lo + 1).clamp(min=0)
     rounded = kind_idx < len(EXACT_KINDS)
     exact_rows = n_mid <= torch.where(rounded, EXACT_RANKS, FP32_EXACT_RANKS)
-    if device.type == "cpu":  # host syncs are free here: no wider than the widest row needs
+    if _host_reads_free(device):  # no wider than the widest row needs
         width = int(torch.where(exact_rows, n_mid, GRID_POINTS).max().clamp(min=1))
     else:
         width = max(EXACT_RANKS, GRID_POINTS)
@@ -601,8 +619,8 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
     # Exact kinds beyond the rank-by-rank size: the step function x(rank) is known exactly, so the sums that
     # involve x are taken bin by bin, with sums of y over each bin's ranks in closed form (_rank_sums_of_y).
     stepped = rounded & ~exact_rows
-    if device.type != "cpu" or bool(stepped.any()):
-        if device.type == "cpu":  # host syncs are free here: look only at the codes of the middle band
+    if not _host_reads_free(device) or bool(stepped.any()):
+        if _host_reads_free(device):  # look only at the codes of the middle band
             first, width = span_codes[:, 0], int(span.max())
         else:
             first, width = torch.zeros_like(span), cum.shape[1]
@@ -940,7 +958,10 @@ def fit_tensors(tensors: Sequence[torch.Tensor]) -> list[WeibullFit]:
             if len(part) == SLICE_ROWS:
                 _zero_span(counts, span)
                 buffer = counts
-            if sum(len(k) for _, k, _ in pending) >= FIT_BLOCK_ROWS:
+            rows = sum(len(k) for _, k, _ in pending)
+            first_code = min(c.offset for c, _, _ in pending)
+            width = max(c.offset + c.mags.shape[1] for c, _, _ in pending) - first_code
+            if rows >= _block_rows(width):
                 fits += _fit_pending(pending)
                 pending = []
         return fits + _fit_pending(pending)
