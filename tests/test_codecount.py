@@ -191,7 +191,7 @@ def _mixed_tensors(count: int) -> list:
     return [makers[i % len(makers)]() for i in range(count)]
 
 
-@pytest.mark.parametrize("count", [3, 33, 150])  # one slice; two slices; more than one fit block
+@pytest.mark.parametrize("count", [0, 3, 33, 150])  # none; one slice; two slices; more than one fit block
 def test_fit_tensors_equals_fitting_each_slice_alone(count):
     tensors = _mixed_tensors(count)
     together = H.fit_tensors(tensors)

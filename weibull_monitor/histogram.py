@@ -575,17 +575,8 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
         width = int(torch.where(exact_rows, n_mid, GRID_POINTS).max().clamp(min=1))
     else:
         width = max(EXACT_RANKS, GRID_POINTS)
-    g = torch.arange(width, dtype=torch.float64, device=device)
-    lo_f = lo.to(torch.float64)[:, None]
-    n_mid_f = n_mid.to(torch.float64)[:, None]
-    pos_exact = lo_f + g - 0.5
-    pos_grid = lo_f - 1.0 + (g + 0.5) * n_mid_f / GRID_POINTS
-    pos = torch.where(exact_rows[:, None], pos_exact, pos_grid)
-    weight = (g < torch.where(exact_rows[:, None], n_mid_f, float(GRID_POINTS))).to(torch.float64)
-    pos = torch.where(weight > 0, pos, lo_f - 0.5)  # padding: any valid rank, weight 0
-    safe_n = n_f.clamp(min=1.0)[:, None]
-    f = (pos / safe_n).clamp(1e-12, 1 - 1e-12)
-    y = torch.log(-torch.log1p(-f))
+    pos, weight = _rank_positions(lo, n_mid, exact_rows, width)
+    y = (pos / n_f.clamp(min=1.0)[:, None]).clamp_(1e-12, 1 - 1e-12).neg_().log1p_().neg_().log_()
 
     # Quantiles at Hazen positions p*n (rank h+1 with h = p n - 1/2, linear between neighbours): their two
     # neighbouring ranks are looked up together with the regression's positions, in one search.
@@ -600,9 +591,10 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
     step = torch.cat(
         [(rounded & exact_rows)[:, None].expand(-1, width), rounded[:, None].expand(-1, 2 * n_levels)], dim=1
     )
-    looked_up = _lookup(
-        cum, mags, torch.cat([pos, base + 0.5, torch.minimum(base + 1.5, top)], dim=1), kind_idx, step, offset
-    )
+    positions = torch.cat([pos, base + 0.5, torch.minimum(base + 1.5, top)], dim=1)
+    del pos  # [rows, width] temporaries are the fit's memory: free each as soon as it is used
+    looked_up = _lookup(cum, mags, positions, kind_idx, step, offset)
+    del positions, step
     x = looked_up[:, :width]
     x_lo, x_hi = looked_up[:, width : width + n_levels], looked_up[:, width + n_levels :]
     quant = torch.exp(x_lo) * (1 - frac) + torch.exp(x_hi) * frac
@@ -610,6 +602,7 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
     # Grid sums stand for all n_mid middle ranks: scale them so that every row's sums count ranks.
     per_point = torch.where(exact_rows, torch.ones_like(n_f), n_mid.to(torch.float64) / GRID_POINTS)
     sums = regression_sums(x, y, weight) * per_point[:, None]
+    del x, y, weight, looked_up
 
     # Resolution: the codes at the first and last middle ranks.
     last_column = cum.shape[1] - 1
@@ -639,6 +632,20 @@ def _fit_rows_on_device(counts: _Compact, kind_idx: torch.Tensor) -> torch.Tenso
         dim=1,
     )
     return torch.cat([header, sums, quant], dim=1)
+
+
+def _rank_positions(
+    lo: torch.Tensor, n_mid: torch.Tensor, exact_rows: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, width] continuous rank positions, their weights 1 or 0): every middle rank lo..hi for exact rows, a
+    midpoint grid of GRID_POINTS for the others; padding carries weight 0 at a valid rank."""
+    g = torch.arange(width, dtype=torch.float64, device=lo.device)
+    lo_f = lo.to(torch.float64)[:, None]
+    n_mid_f = n_mid.to(torch.float64)[:, None]
+    exact = exact_rows[:, None]
+    pos = torch.where(exact, lo_f + g - 0.5, lo_f - 1.0 + (g + 0.5) * n_mid_f / GRID_POINTS)
+    weight = (g < torch.where(exact, n_mid_f, float(GRID_POINTS))).to(torch.float64)
+    return torch.where(weight > 0, pos, lo_f - 0.5), weight
 
 
 _EULER_GAMMA = 0.5772156649015329
@@ -760,13 +767,15 @@ def _lookup(
     """
     table = _tables(cum.device).reshape(3, -1)
     # The element at position r is in the first code whose cumulative count reaches ceil(r).
-    code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp(max=cum.shape[1] - 1)
+    code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp_(max=cum.shape[1] - 1)
     count = mags.gather(1, code)
-    before = (cum.gather(1, code) - count).to(torch.float64)
-    t = ((pos - before) / count.to(torch.float64).clamp(min=1.0)).clamp(0.0, 1.0)
-    flat = (kind_idx[:, None] * N_BINS + code + offset).reshape(-1)
-    value, low, high = (table[i].index_select(0, flat).view_as(pos) for i in range(3))
-    return torch.where(step, value, torch.lerp(low, high, t))
+    t = (cum.gather(1, code) - count).to(torch.float64).neg_().add_(pos)  # position within the code's bin
+    t.div_(count.to(torch.float64).clamp_(min=1.0)).clamp_(0.0, 1.0)
+    del count
+    flat = code.add_(offset).add_(kind_idx[:, None] * N_BINS).view(-1)
+    low = table[1].index_select(0, flat).view_as(pos)
+    low.lerp_(table[2].index_select(0, flat).view_as(pos), t)
+    return torch.where(step, table[0].index_select(0, flat).view_as(pos), low)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -947,6 +956,7 @@ def fit_tensors(tensors: Sequence[torch.Tensor]) -> list[WeibullFit]:
         # long-lived 8 MB block keeps glibc's mmap threshold low, and the fit's temporaries then page-fault: the
         # fit of a 125M model took 12-14 ms instead of 8-10, measured)
         buffer: torch.Tensor | None = None
+        counts: torch.Tensor | None = None
         for start in range(0, len(tensors), SLICE_ROWS):
             part = tensors[start : start + SLICE_ROWS]
             out = buffer[: len(part)] if buffer is not None else None
@@ -963,18 +973,23 @@ def fit_tensors(tensors: Sequence[torch.Tensor]) -> list[WeibullFit]:
             width = max(c.offset + c.mags.shape[1] for c, _, _ in pending) - first_code
             if rows >= _block_rows(width):
                 fits += _fit_pending(pending)
-                pending = []
+        buffer = counts = None  # the last fit needs the memory more than the count buffer
         return fits + _fit_pending(pending)
 
 
-def _fit_pending(pending: Sequence[tuple[_Compact, list[str], list[str | None]]]) -> list[WeibullFit]:
+def _fit_pending(pending: list[tuple[_Compact, list[str], list[str | None]]]) -> list[WeibullFit]:
+    """Fit the pending slices together and empty ``pending`` (their counts are freed once concatenated)."""
     if not pending:
         return []
     kinds = [k for _, ks, _ in pending for k in ks]
     reasons = [r for _, _, rs in pending for r in rs]
+    parts = [c for c, _, _ in pending]
+    pending.clear()
     try:
         with torch.inference_mode(), torch_on_one_thread():
-            return _fit_compact(_concat_compact([c for c, _, _ in pending]), kinds, reasons)
+            block = _concat_compact(parts)
+            del parts
+            return _fit_compact(block, kinds, reasons)
     except Exception as exc:  # never take training down
         why = f"fit failed: {type(exc).__name__}: {exc}"
         return [failed_fit(r or why, "histogram") for r in reasons]
