@@ -243,3 +243,27 @@ def test_the_accelerator_fit_path_gives_the_cpu_answers(monkeypatch):
             for other in (a, c):
                 got = {k: other.to_dict()[k] for k in numbers}
                 assert got == pytest.approx(numbers, rel=1e-11, abs=1e-15), i
+
+
+def test_packed_counts_fit_like_full_rows():
+    # The distributed path fits rows packed to a code span (reduced across ranks, maybe as int32).
+    tensors = _mixed_tensors(20)
+    batch = histogram_batch(tensors)
+    used = torch.nonzero(batch.counts[:, :N_BINS].amax(0)).reshape(-1)
+    first, last = int(used[0]), int(used[-1])
+    packed = torch.cat([batch.counts[:, first : last + 1], batch.counts[:, N_BINS:]], dim=1).to(torch.int32)
+    expected = batch.fit_all()
+    for got, want in zip(H.fit_packed_counts(packed, first, batch.kinds), expected):
+        assert (got.ok, got.n, got.n_zero, got.n_nonfinite) == (
+            want.ok,
+            want.n,
+            want.n_zero,
+            want.n_nonfinite,
+        )
+        if want.ok:
+            assert got.k == pytest.approx(want.k, rel=1e-12) and got.scale == pytest.approx(
+                want.scale, rel=1e-12
+            )
+    empty = H.fit_packed_counts(torch.tensor([[3, 0], [0, 2]]), N_BINS, ["fp32", "bf16"])  # no code used
+    assert [(f.ok, f.n_zero, f.n_nonfinite) for f in empty] == [(False, 3, 0), (False, 0, 2)]
+    assert all(f.reason for f in empty)

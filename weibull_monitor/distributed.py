@@ -287,18 +287,16 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
     if rows:
         from weibull_monitor import histogram
 
-        # Full-width rows only a slice at a time (256 KB each): memory stays flat in the number of matrices, at
-        # one host sync per slice, as in fit.fit_many.
-        for start in range(0, len(rows), histogram.SLICE_ROWS):
-            sub = rows[start : start + histogram.SLICE_ROWS]
-            try:
-                counts = _unpack(packed_block, [i - first_row for i in sub], first_code)
-                kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in sub]
-                mine.update(zip(sub, histogram.HistogramBatch(counts, kinds_of_rows).fit_all()))
-                del counts  # before the next slice's rows are built
-            except Exception as error:  # never raise between collectives: the other ranks would wait forever
-                log.warning("weibull-monitor: cannot fit a slice of summed counts: %r", error)
-                mine.update((i, _skipped_fit(f"fit of the summed counts failed: {error!r}")) for i in sub)
+        # Straight from the packed span: no full-width rows, blocks of up to histogram.FIT_BLOCK_ROWS rows, one
+        # host sync per block (as in fit.fit_many).
+        try:
+            index = torch.tensor([i - first_row for i in rows], device=packed_block.device)
+            kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
+            fitted = histogram.fit_packed_counts(packed_block.index_select(0, index), first_code, kinds_of_rows)
+            mine.update(zip(rows, fitted))
+        except Exception as error:  # never raise between collectives: the other ranks would wait forever
+            log.warning("weibull-monitor: cannot fit the summed counts: %r", error)
+            mine.update((i, _skipped_fit(f"fit of the summed counts failed: {error!r}")) for i in rows)
     if exact:
         from weibull_monitor.fit import fit_weibull
 
@@ -512,18 +510,6 @@ def _share_fits(mine: Mapping[int, Any], n: int, world: int, device: torch.devic
         for part in gathered:
             merged.update(part or {})
     return merged
-
-
-def _unpack(packed: torch.Tensor, rows: Sequence[int], first_code: int) -> torch.Tensor:
-    """Full count rows [len(rows), N_COLUMNS] (what the fit engine reads) from packed rows [span + 2]."""
-    from weibull_monitor import histogram
-
-    width = packed.shape[1] - 2
-    index = torch.tensor(rows, device=packed.device)
-    counts = torch.zeros((len(rows), histogram.N_COLUMNS), dtype=torch.int64, device=packed.device)
-    counts[:, first_code : first_code + width] = packed.index_select(0, index)[:, :width]
-    counts[:, histogram.N_BINS :] = packed.index_select(0, index)[:, width:]
-    return counts
 
 
 def _mismatch(entries: Sequence[Any], why: str) -> dict[str, Any]:

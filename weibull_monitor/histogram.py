@@ -977,6 +977,25 @@ def fit_tensors(tensors: Sequence[torch.Tensor]) -> list[WeibullFit]:
         return fits + _fit_pending(pending)
 
 
+def fit_packed_counts(packed: torch.Tensor, first_code: int, kinds: Sequence[str]) -> list[WeibullFit]:
+    """Fits of count rows packed to a code span: ``packed`` [M, width + 2] holds codes ``first_code`` ..
+    ``first_code + width - 1``, then ZERO_COLUMN and NONFINITE_COLUMN (every other code column 0), as the
+    distributed path reduces them. No full-width rows are built; never raises (failed fits carry the reason)."""
+    rows, width = packed.shape[0], packed.shape[1] - 2
+    packed = packed.to(torch.int64)  # a reduced int32 copy would overflow in the fit's rank arithmetic
+    if width <= 0:  # no code used by any row: one empty column keeps the shapes valid
+        mags, first_code = torch.zeros(rows, 1, dtype=torch.int64, device=packed.device), 1
+    else:
+        mags = packed[:, :width]
+    block = _Compact(mags, first_code, packed[:, width], packed[:, width + 1])
+    try:
+        with torch.inference_mode(), torch_on_one_thread(packed.device):
+            return _fit_compact(block, kinds, [None] * rows)
+    except Exception as exc:  # never take training down
+        why = f"fit failed: {type(exc).__name__}: {exc}"
+        return [failed_fit(why, "histogram") for _ in range(rows)]
+
+
 def _fit_pending(pending: list[tuple[_Compact, list[str], list[str | None]]]) -> list[WeibullFit]:
     """Fit the pending slices together and empty ``pending`` (their counts are freed once concatenated)."""
     if not pending:
