@@ -245,8 +245,11 @@ def test_the_accelerator_fit_path_gives_the_cpu_answers(monkeypatch):
                 assert got == pytest.approx(numbers, rel=1e-11, abs=1e-15), i
 
 
-def test_packed_counts_fit_like_full_rows():
-    # The distributed path fits rows packed to a code span (reduced across ranks, maybe as int32).
+@pytest.mark.parametrize("accelerator_path", [False, True])
+def test_packed_counts_fit_like_full_rows(monkeypatch, accelerator_path):
+    # The distributed path fits rows packed to a code span (reduced across ranks, maybe as int32), on CPU or on
+    # the ranks' accelerators (whose path, with no host reads, runs here on CPU).
+    monkeypatch.setattr(H, "ACCELERATOR_FIT_ON_CPU", accelerator_path)
     tensors = _mixed_tensors(20)
     batch = histogram_batch(tensors)
     used = torch.nonzero(batch.counts[:, :N_BINS].amax(0)).reshape(-1)
