@@ -292,7 +292,9 @@ def compute_fits(entries: Sequence[Any], method: str = "histogram") -> Mapping[s
         try:
             index = torch.tensor([i - first_row for i in rows], device=packed_block.device)
             kinds_of_rows = [histogram.histogram_kind(_dtype(tensors[i])) for i in rows]
-            fitted = histogram.fit_packed_counts(packed_block.index_select(0, index), first_code, kinds_of_rows)
+            fitted = histogram.fit_packed_counts(
+                packed_block.index_select(0, index), first_code, kinds_of_rows
+            )
             mine.update(zip(rows, fitted))
         except Exception as error:  # never raise between collectives: the other ranks would wait forever
             log.warning("weibull-monitor: cannot fit the summed counts: %r", error)

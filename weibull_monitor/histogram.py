@@ -425,7 +425,8 @@ def _tables(device: torch.device) -> torch.Tensor:
 
 
 FIT_BLOCK_ROWS = 128
-"""Rows fitted together: bounds the [rows, N_BINS] temporaries (~32 MB each) for batches of any size."""
+"""Rows fitted together at most: the fit's cost is mostly per tensor op, so more rows per op is cheaper, while
+its [rows, used codes] and [rows, rank positions] temporaries bound the memory (see FIT_BLOCK_ELEMENTS)."""
 FIT_BLOCK_ELEMENTS = 1 << 19
 """Count cells (rows x used codes) per fitted block: 128 matrices of ~4000 used codes, ~4 MB per int64 temporary.
 Wider spans (fp32 weights over many octaves) fit fewer rows at a time, so memory stays flat."""
@@ -515,9 +516,8 @@ def _fit_compact(counts: _Compact, kinds: Sequence[str], reasons: Sequence[str |
         and m >= 2 * PARALLEL_FIT_MIN_ROWS
         and not threading.current_thread().name.startswith(_POOL_PREFIX)
     )
-    if (
-        parallel
-    ):  # torch runs these small ops on one thread: the pool's threads fit blocks side by side instead
+    if parallel:
+        # torch runs these small ops on one thread: the pool's threads fit blocks side by side instead
         rows = min(rows, max(PARALLEL_FIT_MIN_ROWS, -(-m // threads)))
     work = [(counts.rows(i, i + rows), kind_idx[i : i + rows]) for i in range(0, m, rows)]
     if parallel and len(work) > 1:
