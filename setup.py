@@ -4,6 +4,8 @@ The extension is optional: without a C compiler the install still succeeds and t
 (slower on CPU, same counts). ``weibull_monitor.histogram.COUNTING_BACKEND`` says which one is in use.
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -11,7 +13,7 @@ setup(
         Extension(
             "weibull_monitor._codecount",
             sources=["weibull_monitor/_codecount.c"],
-            extra_compile_args=["-O3"] if __import__("sys").platform != "win32" else ["/O2"],
+            extra_compile_args=["/O2"] if sys.platform == "win32" else ["-O3"],
             optional=True,
         )
     ]
