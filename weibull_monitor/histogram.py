@@ -431,8 +431,9 @@ FIT_BLOCK_ELEMENTS = 1 << 19
 """Count cells (rows x used codes) per fitted block: 128 matrices of ~4000 used codes, ~4 MB per int64 temporary.
 Wider spans (fp32 weights over many octaves) fit fewer rows at a time, so memory stays flat."""
 PARALLEL_FIT_MIN_ROWS = 16
-"""On CPU, batches of at least twice this many rows are fitted in blocks across the counting pool's threads
-(measured, 128 rows of a 125M model on 2 cores: 8.3 ms on one thread)."""
+"""On CPU, batches of at least twice this many rows (and at most one block per thread) are fitted in blocks
+across the counting pool's threads (measured, 128 rows of a 125M model on 2 cores: 6.1 ms on one thread, 4.4 ms
+as two blocks of 64 side by side)."""
 
 
 ACCELERATOR_FIT_ON_CPU = False
@@ -448,7 +449,7 @@ def _host_reads_free(device: torch.device) -> bool:
 class _Compact(NamedTuple):
     """Count rows cut to code columns ``offset .. offset + mags.shape[1] - 1`` (every other code column is 0)."""
 
-    mags: torch.Tensor  # int64 [M, W]
+    mags: torch.Tensor  # int64 or int32 [M, W] (the fit's cumulative counts are int64 either way)
     offset: int
     zeros: torch.Tensor  # int64 [M]: ZERO_COLUMN
     nonfinite: torch.Tensor  # int64 [M]: NONFINITE_COLUMN
@@ -495,13 +496,6 @@ def _concat_compact(parts: Sequence[_Compact]) -> _Compact:
     return _Compact(mags, lo, torch.cat([p.zeros for p in parts]), torch.cat([p.nonfinite for p in parts]))
 
 
-def _fit_counts(
-    counts: torch.Tensor, kinds: Sequence[str], reasons: Sequence[str | None]
-) -> list[WeibullFit]:
-    """Fit every row of ``counts`` [M, N_COLUMNS]; one device-to-host transfer for the whole batch."""
-    return _fit_compact(_compact(counts), kinds, reasons)
-
-
 def _fit_compact(counts: _Compact, kinds: Sequence[str], reasons: Sequence[str | None]) -> list[WeibullFit]:
     """Fit every row of compact counts; one device-to-host transfer for the whole batch."""
     m = counts.mags.shape[0]
@@ -510,15 +504,17 @@ def _fit_compact(counts: _Compact, kinds: Sequence[str], reasons: Sequence[str |
     kind_idx = torch.tensor([KINDS.index(k) for k in kinds], device=counts.mags.device)
     rows = _block_rows(counts.mags.shape[1])
     threads = _pool_size()
+    # torch runs these small ops on one thread: the pool's threads fit blocks side by side instead, one block
+    # each and one round only. More rounds kept every worker's malloc arena full of fit temporaries: 1000 rows on
+    # each of 2 ranks peaked at 130-190 MB of RSS instead of 66-78 MB (measured).
     parallel = (
         counts.mags.device.type == "cpu"
         and threads > 1
-        and m >= 2 * PARALLEL_FIT_MIN_ROWS
+        and 2 * PARALLEL_FIT_MIN_ROWS <= m <= threads * rows
         and not threading.current_thread().name.startswith(_POOL_PREFIX)
     )
     if parallel:
-        # torch runs these small ops on one thread: the pool's threads fit blocks side by side instead
-        rows = min(rows, max(PARALLEL_FIT_MIN_ROWS, -(-m // threads)))
+        rows = max(PARALLEL_FIT_MIN_ROWS, -(-m // threads))
     work = [(counts.rows(i, i + rows), kind_idx[i : i + rows]) for i in range(0, m, rows)]
     if parallel and len(work) > 1:
         blocks = list(_thread_pool(threads).map(_fit_block_no_grad, work))
@@ -876,12 +872,7 @@ class HistogramBatch:
         counts = self.counts
         if counts.device.type == "mps":  # no float64 there: fit the (small) counts on the CPU, one transfer
             counts = counts.cpu()
-        try:
-            with torch.inference_mode(), torch_on_one_thread(counts.device):
-                return _fit_counts(counts, self.kinds, self.reasons)
-        except Exception as exc:
-            why = f"fit failed: {type(exc).__name__}: {exc}"
-            return [failed_fit(r or why, "histogram") for r in self.reasons]
+        return _fit_guarded(lambda: _compact(counts), self.kinds, self.reasons, counts.device)
 
 
 def histogram_batch(tensors: Sequence[torch.Tensor]) -> HistogramBatch:
@@ -981,19 +972,16 @@ def fit_packed_counts(packed: torch.Tensor, first_code: int, kinds: Sequence[str
     """Fits of count rows packed to a code span: ``packed`` [M, width + 2] holds codes ``first_code`` ..
     ``first_code + width - 1``, then ZERO_COLUMN and NONFINITE_COLUMN (every other code column 0), as the
     distributed path reduces them. No full-width rows are built; never raises (failed fits carry the reason)."""
-    rows, width = packed.shape[0], packed.shape[1] - 2
-    packed = packed.to(torch.int64)  # a reduced int32 copy would overflow in the fit's rank arithmetic
-    if width <= 0:  # no code used by any row: one empty column keeps the shapes valid
-        mags, first_code = torch.zeros(rows, 1, dtype=torch.int64, device=packed.device), 1
-    else:
-        mags = packed[:, :width]
-    block = _Compact(mags, first_code, packed[:, width], packed[:, width + 1])
-    try:
-        with torch.inference_mode(), torch_on_one_thread(packed.device):
-            return _fit_compact(block, kinds, [None] * rows)
-    except Exception as exc:  # never take training down
-        why = f"fit failed: {type(exc).__name__}: {exc}"
-        return [failed_fit(why, "histogram") for _ in range(rows)]
+
+    def build() -> _Compact:
+        # int32 rows are fitted as they are (cumulative counts come out int64): no int64 copy of the whole block
+        rows, width = packed.shape[0], packed.shape[1] - 2
+        if width <= 0:  # no code used by any row: one empty column keeps the shapes valid
+            empty = torch.zeros(rows, 1, dtype=packed.dtype, device=packed.device)
+            return _Compact(empty, 1, packed[:, 0], packed[:, 1])
+        return _Compact(packed[:, :width], first_code, packed[:, width], packed[:, width + 1])
+
+    return _fit_guarded(build, kinds, [None] * packed.shape[0], packed.device)
 
 
 def _fit_pending(pending: list[tuple[_Compact, list[str], list[str | None]]]) -> list[WeibullFit]:
@@ -1002,13 +990,23 @@ def _fit_pending(pending: list[tuple[_Compact, list[str], list[str | None]]]) ->
         return []
     kinds = [k for _, ks, _ in pending for k in ks]
     reasons = [r for _, _, rs in pending for r in rs]
-    parts = [c for c, _, _ in pending]
-    pending.clear()
+
+    def build() -> _Compact:
+        parts = [c for c, _, _ in pending]
+        pending.clear()
+        return _concat_compact(parts)
+
+    return _fit_guarded(build, kinds, reasons, torch.device("cpu"))
+
+
+def _fit_guarded(
+    build: Callable[[], _Compact], kinds: Sequence[str], reasons: Sequence[str | None], device: torch.device
+) -> list[WeibullFit]:
+    """``_fit_compact`` of the block ``build()`` makes, in inference mode with torch on one thread; never raises:
+    a failure becomes one failed fit per row, carrying the row's own reason where it has one."""
     try:
-        with torch.inference_mode(), torch_on_one_thread():
-            block = _concat_compact(parts)
-            del parts
-            return _fit_compact(block, kinds, reasons)
+        with torch.inference_mode(), torch_on_one_thread(device):
+            return _fit_compact(build(), kinds, reasons)
     except Exception as exc:  # never take training down
         why = f"fit failed: {type(exc).__name__}: {exc}"
         return [failed_fit(r or why, "histogram") for r in reasons]
