@@ -170,17 +170,17 @@ def check_ddp(out: dict) -> None:
     from weibull_monitor import histogram
 
     victim = next(i for i, owner in enumerate(owners) if owner == 1)
-    real_batch = histogram.histogram_batch
+    real_batch = histogram._count_batch  # the engine call the distributed path makes
 
-    def failing_batch(tensors):
+    def failing_batch(tensors, out=None):
         target = entries[victim].tensor
         if dist.get_rank() == 1 and any(
             t.data_ptr() == target.data_ptr() and t.shape == target.shape for t in tensors
         ):
             raise RuntimeError("injected fault")
-        return real_batch(tensors)
+        return real_batch(tensors, out)
 
-    histogram.histogram_batch = failing_batch
+    histogram._count_batch = failing_batch
     try:
         out["local_failure"] = {
             "victim": entries[victim].key,
@@ -188,7 +188,7 @@ def check_ddp(out: dict) -> None:
             "ref": fits_json(reference),
         }
     finally:
-        histogram.histogram_batch = real_batch
+        histogram._count_batch = real_batch
     # Mismatched entry lists: a clean not-ok result on every rank, not a hang.
     short = entries[:-1] if dist.get_rank() == 1 else entries
     out["mismatch"] = fits_json(distributed.compute_fits(short, "histogram"))
