@@ -47,9 +47,10 @@ def worker(mode: str, params: float, repeats: int, hidden: int) -> dict:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from weibull_monitor import roles, snapshot
-    from weibull_monitor.histogram import N_COLUMNS
-    from weibull_monitor.toy import llama_config_with_params
+    from weibull_monitor import distributed, snapshot
+    from weibull_monitor import models as roles
+    from weibull_monitor.demos.toy import llama_config_with_params
+    from weibull_monitor.estimator.histogram import N_COLUMNS
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -68,21 +69,22 @@ def worker(mode: str, params: float, repeats: int, hidden: int) -> dict:
     largest = max(int(torch.Size(p.shape).numel()) for n, p in model.named_parameters() if n in role_map)
     entries = snapshot.collect_entries(model, role_map, model.config)
 
+    def fit(chosen: list) -> dict:
+        return distributed.fit_matrices([e.key for e in chosen], [e.matrix for e in chosen], "histogram")
+
     def one() -> float:
         if world > 1:
             dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            fits = snapshot.compute_fits(entries, "histogram")
+        fits = fit(entries)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         assert len(fits) == len(entries) and all(f.ok for f in fits.values()), "a fit failed"
         return elapsed, cpu
 
     # Warm up on the smallest matrix only (lazy imports, code tables, thread pool), then measure the first full
     # snapshot: later ones reuse heap pages that glibc keeps, which would hide the peak.
-    smallest = min(range(len(entries)), key=lambda i: entries[i].tensor.numel())
-    with torch.no_grad():
-        snapshot.compute_fits([entries[smallest]], "histogram")  # the same subset on every rank
+    smallest = min(range(len(entries)), key=lambda i: entries[i].matrix.numel)
+    fit([entries[smallest]])  # the same subset on every rank
     rss_before = _vm_kib("VmRSS")
     peak_reset = _reset_peak()
     one()

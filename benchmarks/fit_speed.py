@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from weibull_monitor.fit import fit_weibull
-from weibull_monitor.histogram import WeightHistogram
+from weibull_monitor.estimator import fit_weibull
+from weibull_monitor.estimator.histogram import WeightHistogram
 
 SHAPES = ((4096, 4096), (4096, 11008))
 DTYPES = (torch.float32, torch.bfloat16)
@@ -74,8 +74,8 @@ def main() -> None:
 
 def _whole_model(repeats: int) -> None:
     """fit_many over every block matrix of a LLaMA-shaped model vs a loop of fit_weibull vs one read pass."""
-    from weibull_monitor.fit import fit_many
-    from weibull_monitor.toy import llama_config_with_params
+    from weibull_monitor.demos.toy import llama_config_with_params
+    from weibull_monitor.estimator import fit_many
 
     config = llama_config_with_params(25e6, hidden_size=512)
     generator = torch.Generator().manual_seed(1)
@@ -103,7 +103,7 @@ def _anchor_cost() -> None:
     """Cost of computing the anchors (done once at import)."""
     import numpy as np
 
-    from weibull_monitor import _quadrature
+    from weibull_monitor.estimator import quadrature as _quadrature
 
     start = time.perf_counter()
     _quadrature.line_fit_limit(lambda f: np.log(_quadrature.half_normal_quantile(f)))

@@ -2,7 +2,7 @@
 
 Models: ``tiny`` (the 0.1M-parameter toy LLaMA of the tests, 2 layers of width 64), ``demo`` (the demo's 0.8M
 LLaMA, 4 layers of width 128) and ``100m`` (a ~100M-parameter LLaMA-shaped model,
-weibull_monitor.toy.llama_config_with_params). Each trains in blocks of ``every`` optimizer steps, alternating
+weibull_monitor.demos.toy.llama_config_with_params). Each trains in blocks of ``every`` optimizer steps, alternating
 blocks without and with ``observe`` (order swapped on every repeat so drift of a shared CPU cancels). One
 ``WeibullMonitor`` (with its SQLite store) serves the whole run, as in a real script, and has taken its first
 snapshot during warm-up; a monitored block ends on a due step, so it pays for exactly one steady-state snapshot
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from weibull_monitor.demos.toy import byte_batches, llama_config_with_params, tiny_llama, tiny_llama_config
 from weibull_monitor.monitor import WeibullMonitor
-from weibull_monitor.toy import byte_batches, llama_config_with_params, tiny_llama, tiny_llama_config
 
 
 def build(name: str) -> torch.nn.Module:
@@ -40,7 +40,7 @@ def build(name: str) -> torch.nn.Module:
     if name == "tiny":
         return tiny_llama(0)
     if name == "demo":
-        from weibull_monitor.demo import DEMO_MODEL
+        from weibull_monitor.demos.demo import DEMO_MODEL
 
         return tiny_llama(0, **DEMO_MODEL)
     torch.manual_seed(0)

@@ -72,14 +72,14 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     torch.set_num_threads(args.threads)
 
-    from weibull_monitor.fit import fit_many
+    from weibull_monitor.estimator import fit_many
     from weibull_monitor.monitor import WeibullMonitor
     from weibull_monitor.snapshot import collect_entries
 
     model = build_model(args.params, DTYPES[args.dtype])
     monitor = WeibullMonitor(model, None, every=10**9, store=None, rules=[])
     entries = collect_entries(model, monitor.roles, model.config)
-    named = [(e.key, e.tensor.detach()) for e in entries]
+    named = [(e.key, e.matrix.tensor.detach()) for e in entries]
     elements = sum(t.numel() for _, t in named)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.dtype} model, "

@@ -121,7 +121,7 @@ def main() -> None:
         baseline_mb, _, _ = peak_rss_of(
             [
                 *env_python,
-                "import torch, weibull_monitor.cli, weibull_monitor.scan, weibull_monitor.fit, weibull_monitor.roles",
+                "import torch, weibull_monitor.cli, weibull_monitor.offline.scan, weibull_monitor.estimator, weibull_monitor.models",
             ]
         )
         scan_mb, wall, status = peak_rss_of(
@@ -154,7 +154,7 @@ def main() -> None:
             # The same fits through safetensors.safe_open(...).get_tensor (one tensor at a time): the reason the
             # loader maps the file itself.
             loop = (
-                "import sys; from safetensors import safe_open; from weibull_monitor.fit import fit_weibull\n"
+                "import sys; from safetensors import safe_open; from weibull_monitor.estimator import fit_weibull\n"
                 "with safe_open(sys.argv[1], 'pt') as f:\n"
                 "    for name in f.keys():\n"
                 "        t = f.get_tensor(name)\n"

@@ -7,7 +7,7 @@ weights the script times, back to back in each repeat,
 - ``floor``: the read pass over all matrices, ``vector_norm(m, 1)`` (the issue's floor);
 - ``l2 pass``: ``vector_norm(m, 2)`` over the same matrices, a stricter reference: on CPU torch vectorises the 2-norm
   reduction but not the 1-norm one, so this is closer to the memory-bandwidth floor (measured 5-10x faster);
-- ``fit_many``: the fit engine alone over the same matrices (``weibull_monitor.fit.fit_many``);
+- ``fit_many``: the fit engine alone over the same matrices (``weibull_monitor.estimator.fit_many``);
 - ``snapshot``: ``WeibullMonitor.snapshot(step)`` without a store or sinks (entries, fits, dynamics, aggregates,
   alerts), i.e. what a due step costs the training loop beyond writing to disk.
 
@@ -33,7 +33,7 @@ def build_model(n_params: float, dtype: torch.dtype) -> torch.nn.Module:
     """A LLaMA-shaped model whose blocks hold about ``n_params`` parameters, Gaussian-initialised, in ``dtype``."""
     from transformers import LlamaForCausalLM
 
-    from weibull_monitor.toy import llama_config_with_params
+    from weibull_monitor.demos.toy import llama_config_with_params
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config_with_params(n_params))
@@ -48,14 +48,14 @@ def _ms(fn) -> float:
 
 def measure(model: torch.nn.Module, repeats: int) -> dict[str, list[float]]:
     """Interleaved timings (ms) of the floor, the fit engine and a full snapshot over the monitor's matrices."""
-    from weibull_monitor.fit import fit_many
+    from weibull_monitor.estimator import fit_many
     from weibull_monitor.monitor import WeibullMonitor
     from weibull_monitor.snapshot import collect_entries
 
     monitor = WeibullMonitor(model, None, every=10**9, store=None, rules=[])
     entries = collect_entries(model, monitor.roles, getattr(model, "config", None))
-    matrices = [entry.tensor.detach() for entry in entries]
-    named = [(entry.key, entry.tensor.detach()) for entry in entries]
+    matrices = [entry.matrix.tensor.detach() for entry in entries]
+    named = [(entry.key, entry.matrix.tensor.detach()) for entry in entries]
 
     def floor() -> None:
         with torch.no_grad():

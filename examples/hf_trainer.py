@@ -5,7 +5,7 @@
     wandb sync runs/hf_trainer/wandb/offline-run-*  # when you want the offline W&B run online
 
 The monitor is the two lines marked below; everything else is an ordinary Trainer script. Nothing is downloaded:
-the model is a randomly initialised LLaMA from ``weibull_monitor.toy`` and the corpus is the Python standard
+the model is a randomly initialised LLaMA from ``weibull_monitor.demos.toy`` and the corpus is the Python standard
 library's source, read as bytes.
 """
 
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import wandb
     from transformers import Trainer, TrainingArguments
 
+    from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
     from weibull_monitor.integrations.hf import WeibullCallback  # <- line 1 of 2
     from weibull_monitor.store import RunStore
-    from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
     # A model this small trains ~10x faster on one thread than on two busy cores (measured: 0.03 vs 0.34 s/step).
     torch.set_num_threads(args.threads)

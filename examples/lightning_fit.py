@@ -5,7 +5,7 @@
     wandb sync runs/lightning_fit/wandb/offline-run-*      # when you want the offline W&B run online
 
 The monitor is the two lines marked below; it logs through every logger attached to the Trainer. Nothing is
-downloaded: the model is a randomly initialised LLaMA from ``weibull_monitor.toy`` and the corpus is the Python
+downloaded: the model is a randomly initialised LLaMA from ``weibull_monitor.demos.toy`` and the corpus is the Python
 standard library's source, read as bytes.
 """
 
@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+    from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
     from weibull_monitor.integrations.lightning import WeibullCallback  # <- line 1 of 2
     from weibull_monitor.store import RunStore
-    from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
     class TinyCausalLM(pl.LightningModule):
         def __init__(self) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from weibull_monitor.demos.toy import byte_batches, tiny_llama
 from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.sinks import LoggingSink
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import byte_batches, tiny_llama
 
 
 def cosine_schedule(

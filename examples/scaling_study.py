@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from weibull_monitor.study import main
+from weibull_monitor.demos.study import main
 
 if __name__ == "__main__":
     sys.exit(main())

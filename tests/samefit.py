@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from weibull_monitor.fit import WeibullFit
+from weibull_monitor.estimator import WeibullFit
 
 
 def assert_same_fit(

@@ -115,8 +115,8 @@ from weibull_monitor.alerts import (  # noqa: E402
     SelectionDepartureOnset,
     TransmissionOutOfBand,
 )
+from weibull_monitor.demos.toy import tiny_llama  # noqa: E402
 from weibull_monitor.monitor import WeibullMonitor  # noqa: E402
-from weibull_monitor.toy import tiny_llama  # noqa: E402
 
 
 def weibull_draws(shape, k: float, scale: float = 0.02, seed: int = 0) -> torch.Tensor:

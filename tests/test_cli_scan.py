@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from weibull_monitor.cli import main
-from weibull_monitor.loaders import LoaderError, UnsafeCheckpointError, open_checkpoints
+from weibull_monitor.offline.checkpoints import open_checkpoints
+from weibull_monitor.offline.sources import LoaderError, UnsafeCheckpointError
 
 MINILM_DIR = None
 try:
@@ -126,7 +127,7 @@ def test_minilm_tables_name_every_class_and_the_paper(capsys):
 def trainer_series(tmp_path_factory):
     from transformers import Trainer, TrainingArguments
 
-    from weibull_monitor.toy import ByteWindowDataset, tiny_llama
+    from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
 
     out = tmp_path_factory.mktemp("series")
     args = TrainingArguments(
@@ -254,7 +255,7 @@ def test_legacy_raw_pickle_is_refused_too(tmp_path):
 def test_lightning_checkpoint(tmp_path, capsys):
     import lightning.pytorch as pl
 
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     class Module(pl.LightningModule):
         def __init__(self, lr: float = 1e-3):
@@ -299,7 +300,7 @@ def test_gguf_quantised_tensors_are_dequantised(tmp_path, capsys):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from weibull_monitor.fit import fit_weibull
+    from weibull_monitor.estimator import fit_weibull
 
     rng = np.random.default_rng(0)
     q = (rng.standard_normal((128, 256)) * 0.02).astype(np.float32)
@@ -333,7 +334,7 @@ def test_gguf_quantised_tensors_are_dequantised(tmp_path, capsys):
 
 
 def test_sharded_index_and_a_missing_shard(tmp_path, capsys):
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     model = tiny_llama(hidden_size=32, intermediate_size=64)
     model.save_pretrained(tmp_path / "full", max_shard_size="40KB")
@@ -344,7 +345,7 @@ def test_sharded_index_and_a_missing_shard(tmp_path, capsys):
     assert len(rows) == 2 * 7 + 2 and all(r["ok"] for r in rows)
     state = {k: v for k, v in model.state_dict().items()}
     exact = {r["name"]: r for r in scan_json(capsys, str(tmp_path / "full"), "--method", "exact")}
-    from weibull_monitor.fit import fit_weibull
+    from weibull_monitor.estimator import fit_weibull
 
     name = "model.layers.1.mlp.up_proj.weight"
     assert exact[name]["k"] == pytest.approx(fit_weibull(state[name], method="exact").k, abs=1e-9)
@@ -472,7 +473,7 @@ def test_loader_gives_back_the_stored_values(tmp_path):
 def test_progress_bar_only_when_asked_or_on_a_terminal():
     import io
 
-    from weibull_monitor.scan import _Progress
+    from weibull_monitor.offline.progress import Progress as _Progress
 
     quiet = io.StringIO()
     bar = _Progress(3, stream=quiet)  # StringIO is no terminal
@@ -514,8 +515,8 @@ def test_scan_store_holds_one_snapshot_per_step(trainer_series, tmp_path, capsys
 
 
 def test_block_histogram_fit_equals_the_whole_fit(tmp_path, monkeypatch):
-    from weibull_monitor import scan
-    from weibull_monitor.fit import fit_weibull
+    from weibull_monitor.estimator import fit_weibull
+    from weibull_monitor.offline import scan
 
     weights = {
         "model.layers.0.mlp.up_proj.weight": torch.randn(300, 70) * 0.02,
@@ -536,7 +537,7 @@ def test_block_histogram_fit_equals_the_whole_fit(tmp_path, monkeypatch):
 
 
 def test_release_only_touches_file_maps(tmp_path):
-    from weibull_monitor.loaders import release
+    from weibull_monitor.offline.memory import release
 
     anonymous = torch.randn(2048, 64)
     copy = anonymous.clone()
@@ -550,7 +551,7 @@ def test_release_only_touches_file_maps(tmp_path):
 
 
 def test_progress_bar_counts_every_matrix_of_a_series(trainer_series, capsys):
-    from weibull_monitor.scan import scan_path
+    from weibull_monitor.offline.scan import scan_path
 
     results = scan_path(trainer_series, progress=True)
     err = capsys.readouterr().err

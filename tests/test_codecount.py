@@ -1,4 +1,4 @@
-"""The compiled counting kernel (weibull_monitor/_codecount.c) against the torch route, thread safety, fallback."""
+"""The compiled counting kernel (weibull_monitor/estimator/histogram/_codecount.c) against the torch route, thread safety, fallback."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ import pytest
 import torch
 from samefit import assert_same_fit
 
-from weibull_monitor import histogram as H
-from weibull_monitor.histogram import N_BINS, NONFINITE_COLUMN, ZERO_COLUMN, WeightHistogram, histogram_batch
+from weibull_monitor.estimator import histogram as H
+from weibull_monitor.estimator.histogram import (
+    N_BINS,
+    NONFINITE_COLUMN,
+    ZERO_COLUMN,
+    WeightHistogram,
+    counting_backend,
+    histogram_batch,
+)
+from weibull_monitor.estimator.histogram import runtime as R
 
 kernel = pytest.mark.skipif(
     os.environ.get("WEIBULL_MONITOR_COUNTING", "").lower() == "torch",
@@ -24,18 +32,12 @@ kernel = pytest.mark.skipif(
 def test_the_kernel_is_built_and_in_use():
     # pip builds it from the sdist with any C compiler; without one the install still works, more slowly. In this
     # project's CI a compiler is present, so a missing kernel is a packaging defect, not a choice.
-    assert H.COUNTING_BACKEND == "c-extension", "weibull_monitor._codecount was not built (no C compiler?)"
+    assert H.COUNTING_BACKEND == "c-extension", "the counting kernel was not built (no C compiler?)"
 
 
-@pytest.fixture
-def torch_route(monkeypatch):
-    """Count with torch ops (what an install without a C compiler does)."""
-    monkeypatch.setattr(H, "_KERNEL", None)
-
-
-def _torch_counts(view: torch.Tensor) -> torch.Tensor:
+def _counts(view: torch.Tensor) -> torch.Tensor:
     row = torch.zeros(N_BINS, dtype=torch.int64)
-    H._count_into(row, view)
+    R.count_into(row, view)
     return row
 
 
@@ -52,7 +54,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.flo
 @kernel
 @pytest.mark.parametrize("rows", [96, 960])  # views of up to 64K elements track their span; larger ones scan
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_counts_equal_the_torch_route_on_every_view(monkeypatch, dtype, rows):
+def test_kernel_counts_equal_the_torch_route_on_every_view(dtype, rows):
     base = _special_values(dtype, rows)
     cube = base.reshape(6, rows // 6, 80)
     views = {
@@ -69,19 +71,18 @@ def test_kernel_counts_equal_the_torch_route_on_every_view(monkeypatch, dtype, r
         "3-D permuted (torch route)": cube.permute(2, 0, 1),
     }
     for label, view in views.items():
-        with_kernel = _torch_counts(view)
-        monkeypatch.setattr(H, "_KERNEL", None)
-        without = _torch_counts(view)
-        monkeypatch.undo()
+        with_kernel = _counts(view)
+        with counting_backend("torch"):
+            without = _counts(view)
         assert torch.equal(with_kernel, without), label
         assert int(with_kernel.sum()) == view.numel(), label
 
 
 @kernel
-def test_every_bf16_pattern_through_the_kernel_and_the_torch_route(torch_route):
+def test_every_bf16_pattern_through_the_kernel_and_the_torch_route():
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    torch_counts = WeightHistogram.from_tensor(patterns).counts
-    H._KERNEL = H._load_kernel()  # monkeypatch restores None -> original after the test
+    with counting_backend("torch"):
+        torch_counts = WeightHistogram.from_tensor(patterns).counts
     assert torch.equal(WeightHistogram.from_tensor(patterns).counts, torch_counts)
     assert int(torch_counts[ZERO_COLUMN]) == 2 and int(torch_counts[NONFINITE_COLUMN]) == 2 * (
         N_BINS - 0x7F80
@@ -91,15 +92,16 @@ def test_every_bf16_pattern_through_the_kernel_and_the_torch_route(torch_route):
 @kernel
 def test_threads_counting_chunks_of_one_matrix_into_one_row_lose_nothing():
     w = torch.randn(2048, 512) * 0.02
-    expected = _torch_counts(w)
+    with counting_backend("torch"):
+        expected = _counts(w)
     row = torch.zeros(N_BINS, dtype=torch.int64)
-    chunks = H._chunks(w, 4096)  # 256 chunks, one row: every drain races with another thread's
+    chunks = R.chunks(w, 4096)  # 256 chunks, one row: every drain races with another thread's
     barrier = threading.Barrier(4)
 
     def work(part):
         barrier.wait()
         for chunk in part:
-            H._count_into(row, chunk)
+            R.count_into(row, chunk)
 
     threads = [threading.Thread(target=work, args=(chunks[i::4],)) for i in range(4)]
     for t in threads:
@@ -111,14 +113,14 @@ def test_threads_counting_chunks_of_one_matrix_into_one_row_lose_nothing():
 
 @kernel
 def test_the_scratch_row_is_left_zeroed():
-    H._count_into(torch.zeros(N_BINS, dtype=torch.int64), torch.randn(300, 300))
-    scratch = H._code_buffer(torch.Size([N_BINS]), torch.int32, torch.device("cpu"), zeroed=True)
+    R.count_into(torch.zeros(N_BINS, dtype=torch.int64), torch.randn(300, 300))
+    scratch = R.code_buffer(torch.Size([N_BINS]), torch.int32, torch.device("cpu"), zeroed=True)
     assert int(scratch.count_nonzero()) == 0
 
 
 @kernel
 def test_the_kernel_refuses_a_count_that_could_overflow_its_scratch():
-    from weibull_monitor import _codecount
+    from weibull_monitor.estimator.histogram import _codecount
 
     row = torch.zeros(N_BINS, dtype=torch.int64)
     scratch = torch.zeros(N_BINS, dtype=torch.int32)
@@ -130,7 +132,7 @@ def test_the_kernel_refuses_a_count_that_could_overflow_its_scratch():
         _codecount.count_codes("not an address", 1, 1, 0, 1, 0, 0)
 
 
-def test_batches_agree_between_the_two_routes(torch_route):
+def test_batches_agree_between_the_two_routes():
     tensors = [
         _special_values(torch.float32),
         _special_values(torch.bfloat16)[:, ::2],
@@ -138,17 +140,17 @@ def test_batches_agree_between_the_two_routes(torch_route):
         torch.empty(0),
         torch.randn(4096, 600) * 0.02,  # several chunks
     ]
-    without = histogram_batch(tensors).counts
-    H._KERNEL = H._load_kernel()
+    with counting_backend("torch"):
+        without = histogram_batch(tensors).counts
+        torch_fits = histogram_batch(tensors).fit_all()
     assert torch.equal(histogram_batch(tensors).counts, without)
     fits = histogram_batch(tensors).fit_all()
-    H._KERNEL = None
-    assert [f.to_dict() for f in histogram_batch(tensors).fit_all()] == [f.to_dict() for f in fits]
+    assert [f.to_dict() for f in torch_fits] == [f.to_dict() for f in fits]
 
 
 def test_an_environment_variable_selects_the_torch_route():
     code = (
-        "import torch; from weibull_monitor import histogram as H; from weibull_monitor.fit import fit_weibull; "
+        "import torch; from weibull_monitor.estimator import histogram as H; from weibull_monitor.estimator import fit_weibull; "
         "w = torch.randn(512, 512) * 0.02; print(H.COUNTING_BACKEND, fit_weibull(w).k)"
     )
     env = {**os.environ, "WEIBULL_MONITOR_COUNTING": "torch"}
@@ -163,11 +165,11 @@ def test_torch_runs_one_thread_inside_the_block_and_the_pool_keeps_the_callers_c
     try:
         with H.torch_on_one_thread():
             assert torch.get_num_threads() == 1
-            assert H._pool_size() == 2
+            assert R.pool_size() == 2
             with H.torch_on_one_thread():  # nested: no change, no early restore
                 assert torch.get_num_threads() == 1
             assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2 and H._pool_size() == 2
+        assert torch.get_num_threads() == 2 and R.pool_size() == 2
         with H.torch_on_one_thread("meta"):  # not a CPU: left alone
             assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError), H.torch_on_one_thread():
@@ -202,19 +204,18 @@ def test_fit_tensors_equals_fitting_each_slice_alone(count):
         assert_same_fit(a, b, label=i)
 
 
-def test_fit_tensors_reuses_its_buffer_without_leaking_counts_between_slices(torch_route):
+def test_fit_tensors_reuses_its_buffer_without_leaking_counts_between_slices():
     # the torch route writes whole rows (span unknown): the reused buffer must be zeroed in full between slices
     tensors = _mixed_tensors(70)
-    H._KERNEL = H._load_kernel()
     with_kernel = H.fit_tensors(tensors)
-    H._KERNEL = None
-    assert [f.n for f in H.fit_tensors(tensors)] == [f.n for f in with_kernel]
+    with counting_backend("torch"):
+        assert [f.n for f in H.fit_tensors(tensors)] == [f.n for f in with_kernel]
     assert [f.n for f in with_kernel] == [
         WeightHistogram.from_tensor(t).n if t.is_floating_point() else 0 for t in tensors
     ]
 
 
-def test_the_accelerator_fit_path_gives_the_cpu_answers(monkeypatch):
+def test_the_accelerator_fit_path_gives_the_cpu_answers():
     # Accelerators fit at full code width with no host reads before the one transfer; no GPU is needed to check
     # that path's arithmetic: run it on CPU counts and compare with the narrowed CPU fit.
     torch.manual_seed(2)
@@ -225,26 +226,25 @@ def test_the_accelerator_fit_path_gives_the_cpu_answers(monkeypatch):
         torch.randn(1000, 300) * 0.02,
     ]
     cpu_fits = H.fit_tensors(tensors)
-    monkeypatch.setattr(H, "ACCELERATOR_FIT_ON_CPU", True)
-    accelerator_fits = H.fit_tensors(tensors)
-    batch_fits = histogram_batch(tensors).fit_all()
+    accelerator_fits = H.fit_tensors(tensors, host_reads=False)
+    batch_fits = histogram_batch(tensors).fit_all(host_reads=False)
     for i, (a, b, c) in enumerate(zip(accelerator_fits, cpu_fits, batch_fits)):
         assert_same_fit(a, b, rel=1e-11, label=i)
         assert_same_fit(c, b, rel=1e-11, label=i)
 
 
 @pytest.mark.parametrize("accelerator_path", [False, True])
-def test_packed_counts_fit_like_full_rows(monkeypatch, accelerator_path):
+def test_packed_counts_fit_like_full_rows(accelerator_path):
     # The distributed path fits rows packed to a code span (reduced across ranks, maybe as int32), on CPU or on
     # the ranks' accelerators (whose path, with no host reads, runs here on CPU).
-    monkeypatch.setattr(H, "ACCELERATOR_FIT_ON_CPU", accelerator_path)
     tensors = [t for t in _mixed_tensors(20) if t.is_floating_point()]  # unreadable rows are never packed
     batch = histogram_batch(tensors)
     used = torch.nonzero(batch.counts[:, :N_BINS].amax(0)).reshape(-1)
     first, last = int(used[0]), int(used[-1])
     packed = torch.cat([batch.counts[:, first : last + 1], batch.counts[:, N_BINS:]], dim=1).to(torch.int32)
     expected = batch.fit_all()
-    for i, (got, want) in enumerate(zip(H.fit_packed_counts(packed, first, batch.kinds), expected)):
+    fitted = H.fit_packed_counts(packed, first, batch.kinds, host_reads=not accelerator_path)
+    for i, (got, want) in enumerate(zip(fitted, expected)):
         assert_same_fit(got, want, label=i)
     empty = H.fit_packed_counts(torch.tensor([[3, 0], [0, 2]]), N_BINS, ["fp32", "bf16"])  # no code used
     assert [(f.ok, f.n_zero, f.n_nonfinite) for f in empty] == [(False, 3, 0), (False, 0, 2)]

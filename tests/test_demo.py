@@ -43,7 +43,7 @@ def test_demo_writes_store_report_and_dashboards(demo_run):
     assert metrics["weibull/transmission/scale_growth"] > 1.02
     assert metrics["weibull/selection/scale_growth"] > 1.02
     # At initialisation every class sits at the Gaussian anchor.
-    from weibull_monitor.fit import K_GAUSSIAN
+    from weibull_monitor.estimator import K_GAUSSIAN
 
     assert abs({r["metric"]: r["value"] for r in first}["weibull/transmission/k_median"] - K_GAUSSIAN) < 0.02
     # T/τ = Σ η_t·λ_wd: STEPS updates at lr 3e-3 and weight decay 0.1 (the one warm-up step runs at lr 0).
@@ -85,7 +85,7 @@ def test_demo_writes_store_report_and_dashboards(demo_run):
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
-    from weibull_monitor.demo import run_demo
+    from weibull_monitor.demos.demo import run_demo
 
     with pytest.raises(ValueError, match="steps"):
         run_demo(steps=0, out=tmp_path)
@@ -96,7 +96,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
 def test_demo_dashboards_follow_what_is_installed(monkeypatch):
     import importlib.util
 
-    from weibull_monitor import demo
+    from weibull_monitor.demos import demo
 
     assert demo._available_dashboards() == (["wandb", "tensorboard"], [])
     real = importlib.util.find_spec

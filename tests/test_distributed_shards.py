@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weibull_monitor import _shards, distributed
+from weibull_monitor import distributed
+from weibull_monitor.distributed import shards as _shards
+from weibull_monitor.distributed.collective import deal_owners
 
 
 def covered(view: torch.Tensor, shape: tuple[int, int]) -> set[tuple[int, int]]:
@@ -42,9 +44,9 @@ def test_a_view_that_is_no_row_by_column_product_is_skipped_not_guessed():
 
 def test_runs_are_maximal_and_clipped_to_the_shard():
     idx = torch.tensor([0, 1, 2, 5, 6, 9])
-    assert _shards._runs(idx, 0, 10) == [(0, 3), (5, 7), (9, 10)]
-    assert _shards._runs(idx, 2, 6) == [(2, 3), (5, 6)]
-    assert _shards._runs(idx, 3, 5) == []
+    assert _shards.runs(idx, 0, 10) == [(0, 3), (5, 7), (9, 10)]
+    assert _shards.runs(idx, 2, 6) == [(2, 3), (5, 6)]
+    assert _shards.runs(idx, 3, 5) == []
 
 
 def zero3_standin(weight: torch.Tensor, rank: int, world: int) -> torch.nn.Parameter:
@@ -79,7 +81,7 @@ def test_flat_slices_break_mid_row_into_three_boxes():
     weight = torch.arange(35.0).reshape(7, 5)
     param = zero3_standin(weight, rank=0, world=1)
     start, stop = 8, 27  # row 1 cols 3-4, rows 2-4, row 5 cols 0-1
-    boxes = _shards._flat_boxes(param, start, weight.reshape(-1)[start:stop])
+    boxes = _shards.flat_boxes(param, start, weight.reshape(-1)[start:stop])
     assert [(b.r0, b.r1, b.c0, b.c1) for b in boxes] == [(1, 2, 3, 5), (2, 5, 0, 5), (5, 6, 0, 2)]
     for box in boxes:
         assert torch.equal(box.local, weight[box.r0 : box.r1, box.c0 : box.c1])
@@ -95,10 +97,10 @@ def test_split_share_of_a_flat_partition_takes_only_the_component():
 
 def test_replicated_matrices_are_dealt_out_by_element_count():
     sizes = [100, 60, 50, 40, 10]
-    owners = distributed._owners(sizes, 2)
+    owners = deal_owners(sizes, 2)
     load = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(2)]
     assert load == [140, 120]  # largest first to the least loaded: 100+40 | 60+50+10
-    assert distributed._owners(sizes, 2) == owners  # deterministic: every rank computes the same plan
+    assert deal_owners(sizes, 2) == owners  # deterministic: every rank computes the same plan
 
 
 def test_not_distributed_means_local_and_agree_is_the_flag_itself():

@@ -8,13 +8,14 @@ import statistics
 import pytest
 import torch
 
-from weibull_monitor import dynamics
-from weibull_monitor.fit import K_GAUSSIAN, fit_weibull
-from weibull_monitor.roles import Role, view_role
+from weibull_monitor.estimator import K_GAUSSIAN, fit_weibull
+from weibull_monitor.models import Role, view_role
+from weibull_monitor.snapshot import dynamics, keys
+from weibull_monitor.snapshot.budget import TimescaleBudget
 
 
 def test_budget_sums_lr_times_wd_per_group_and_peak():
-    budget = dynamics.TimescaleBudget()
+    budget = TimescaleBudget()
     lrs = [1e-3 * (1 - i / 10) for i in range(10)]
     for lr in lrs:
         budget.record([(lr, 0.1), (lr * 2, 0.0)])
@@ -22,13 +23,13 @@ def test_budget_sums_lr_times_wd_per_group_and_peak():
     assert math.isnan(budget.budget(1))  # no weight decay: undefined, not 0 and not inf
     assert math.isnan(budget.budget(7))  # unknown group
     assert budget.peak_lr(0) == pytest.approx(1e-3) and budget.peak_lr(1) == pytest.approx(2e-3)
-    restored = dynamics.TimescaleBudget()
+    restored = TimescaleBudget()
     restored.load_state_dict(budget.state_dict())
     assert restored.budget(0) == budget.budget(0) and restored.updates == 10
 
 
 def test_budget_counts_skipped_updates_and_keeps_tensor_lr_lazy():
-    budget = dynamics.TimescaleBudget()
+    budget = TimescaleBudget()
     budget.record([(1e-3, 0.1)], updates=5)
     budget.record([(torch.tensor(2e-3, dtype=torch.float64), 0.1)])
     assert budget.budget(0) == pytest.approx(5e-4 + 2e-4, rel=1e-12)
@@ -50,16 +51,16 @@ def test_metric_keys_are_stable_and_disambiguated():
         "a.layers.0.foo.weight": Role(layer=0, component="other", klass="other"),
         "a.layers.0.bar.weight": Role(layer=0, component="other", klass="other"),
     }
-    keys = dynamics.matrix_metric_keys(roles)
-    assert keys["gpt_neox.layers.3.attention.query_key_value.weight"] == "weibull/k/L3/qkv"
-    assert keys["gpt_neox.layers.3.attention.query_key_value.weight[q]"] == "weibull/k/L3/q"
-    assert keys["m.layers.3.mlp.experts.2.up_proj.weight"] == "weibull/k/L3/ffn_up/E2"
-    assert keys["enc.block.1.layer.0.SelfAttention.q.weight"] == "weibull/k/L1/q/encoder"
-    assert keys["embed.weight"] == "weibull/k/embed"
-    assert keys["a.layers.0.foo.weight"] == "weibull/k/L0/other/a.layers.0.foo.weight"
-    assert len(set(keys.values())) == len(keys)
+    found = keys.matrix_metric_keys(roles)
+    assert found["gpt_neox.layers.3.attention.query_key_value.weight"] == "weibull/k/L3/qkv"
+    assert found["gpt_neox.layers.3.attention.query_key_value.weight[q]"] == "weibull/k/L3/q"
+    assert found["m.layers.3.mlp.experts.2.up_proj.weight"] == "weibull/k/L3/ffn_up/E2"
+    assert found["enc.block.1.layer.0.SelfAttention.q.weight"] == "weibull/k/L1/q/encoder"
+    assert found["embed.weight"] == "weibull/k/embed"
+    assert found["a.layers.0.foo.weight"] == "weibull/k/L0/other/a.layers.0.foo.weight"
+    assert len(set(found.values())) == len(found)
     # order-independent
-    assert dynamics.matrix_metric_keys(dict(reversed(list(roles.items())))) == keys
+    assert keys.matrix_metric_keys(dict(reversed(list(roles.items())))) == found
 
 
 def _fits_and_roles():
@@ -85,7 +86,7 @@ def _fits_and_roles():
 
 def test_matrix_stats_and_aggregates_match_hand_computation():
     fits, roles = _fits_and_roles()
-    budget = dynamics.TimescaleBudget()
+    budget = TimescaleBudget()
     budget.record([(1e-3, 0.1), (1e-3, 0.0)], updates=100)
     scale_first = {key: fit.scale / 1.5 for key, fit in fits.items() if fit.ok}
     group_of = {"L0.q": 0, "L0.k": 0, "L0.o": 0, "L0.up": 0, "L0.v": 1, "tiny": 0}
@@ -131,7 +132,7 @@ def test_fused_parent_stays_out_of_class_aggregates():
     fits["fused"] = fits["L0.q"]
     roles["fused"] = Role(0, "qkv", "selection", parts=("q", "k", "v"))
     kw = dict(
-        k_anchor=K_GAUSSIAN, scale_first={}, group_of={}, current_rates=[], budget=dynamics.TimescaleBudget()
+        k_anchor=K_GAUSSIAN, scale_first={}, group_of={}, current_rates=[], budget=TimescaleBudget()
     )
     stats = dynamics.matrix_stats(fits, roles, aggregate_excluded={"fused"}, **kw)
     agg = dynamics.aggregates(fits, roles, stats, k_anchor=K_GAUSSIAN)

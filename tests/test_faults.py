@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from weibull_monitor.alerts import Breach, Rule
+from weibull_monitor.demos.toy import byte_batches, tiny_llama
 from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.sinks import Sink
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import byte_batches, tiny_llama
 
 STEPS = 8
 FAULT_STEPS = range(2, 5)  # the fault is active while these steps are observed
@@ -100,12 +100,9 @@ def _wandb_file(root: Path) -> Path:
 @pytest.mark.slow  # ~9 s: W&B starts its service process
 def test_wandb_run_raising_in_log_and_alert(tmp_path, monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
-    from weibull_monitor.sinks.wandb_sink import (
-        WandbSink,
-        read_run_alerts,
-        read_run_history,
-        wait_for_run_file,
-    )
+    from wandb_files import read_run_alerts, read_run_history, wait_for_run_file
+
+    from weibull_monitor.sinks.wandb_sink import WandbSink
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -10,8 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weibull_monitor import _quadrature
-from weibull_monitor.fit import (
+from weibull_monitor.estimator import (
     K_GAUSSIAN,
     LAMBDA_PER_SIGMA,
     MIN_ELEMENTS,
@@ -20,6 +19,7 @@ from weibull_monitor.fit import (
     fit_many,
     fit_weibull,
 )
+from weibull_monitor.estimator import quadrature as _quadrature
 
 SIGMA = 0.02
 
@@ -78,7 +78,7 @@ def test_anchors_are_computed_and_match_the_measured_constants():
     k_exp, ln_scale_exp, r2_exp = _quadrature.line_fit_limit(lambda f: np.log(-np.log1p(-f)))
     assert abs(k_exp - 1.0) <= 1e-12 and abs(ln_scale_exp) <= 1e-12 and abs(r2_exp - 1) <= 1e-12
     # ... and does not depend on the panel count: the constants are converged, not fitted.
-    f, w = _quadrature._nodes(panels=64)
+    f, w = _quadrature.nodes(panels=64)
     x, y = np.log(_quadrature.half_normal_quantile(f)), _quadrature.weibull_y(f)
     mx, my = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
     assert abs((w * (x - mx) * (y - my)).sum() / (w * (x - mx) ** 2).sum() - K_GAUSSIAN) <= 1e-12
@@ -229,7 +229,7 @@ def test_float64_and_float8_weights():
 
 
 def test_fresh_tiny_llama_projections_sit_at_the_gaussian_anchor():
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     model = tiny_llama(
         seed=0, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2
@@ -381,9 +381,9 @@ def test_to_dict_is_plain_and_ratios_are_defined():
 
 
 def test_fit_many_in_slices_equals_single_fits(monkeypatch):
-    from weibull_monitor import histogram
+    from weibull_monitor.estimator.histogram import batch
 
-    monkeypatch.setattr(histogram, "SLICE_ROWS", 3)  # 8 matrices: slices of 3, 3 and 2
+    monkeypatch.setattr(batch, "SLICE_ROWS", 3)  # 8 matrices: slices of 3, 3 and 2
     named = [(f"m{i}", draw("gaussian", (40 + 30 * i, 50), 60 + i) * 10.0 ** (i % 3 - 2)) for i in range(8)]
     named[4] = ("m4", named[4][1].to(torch.bfloat16))
     many = fit_many(named)

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from samefit import assert_same_fit
 
-from weibull_monitor.fit import MIN_ELEMENTS, WeibullFit, fit_many, fit_weibull
-from weibull_monitor.histogram import (
+from weibull_monitor.estimator import MIN_ELEMENTS, WeibullFit, fit_many, fit_weibull
+from weibull_monitor.estimator.histogram import (
     N_BINS,
     NONFINITE_COLUMN,
     ZERO_COLUMN,

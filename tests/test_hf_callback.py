@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 from sabotage import collapse_rule, sabotage_queries
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
 from weibull_monitor.integrations.hf import WeibullCallback
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
 EVERY = 5
 MAX_STEPS = 20
@@ -75,8 +75,7 @@ def _events(log_dir: str):
 def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
     from tensorboard.plugins.custom_scalar import layout_pb2
-
-    from weibull_monitor.sinks.wandb_sink import (
+    from wandb_files import (
         iter_run_records,
         read_run_alerts,
         read_run_history,
@@ -254,7 +253,7 @@ def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_pat
 def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
     import runpy
 
-    from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
+    from wandb_files import read_run_history, wait_for_run_file
 
     out = tmp_path / "example"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -269,7 +268,8 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
 
 
 def test_callback_state_survives_json_and_bad_options_are_refused():
-    from weibull_monitor.integrations._common import CallbackSettings, from_json_safe, json_safe
+    from weibull_monitor.integrations.options import CallbackOptions as CallbackSettings
+    from weibull_monitor.plain_data import from_json_safe, json_safe
 
     state = {"sums": (1.5, float("nan")), "first": {"w": torch.tensor(0.25)}, "inf": float("-inf"), "n": None}
     round_trip = from_json_safe(json.loads(json.dumps(json_safe(state), allow_nan=False)))

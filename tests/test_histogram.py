@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weibull_monitor import histogram as H
-from weibull_monitor.fit import fit_weibull
-from weibull_monitor.histogram import (
+from weibull_monitor.estimator import fit_weibull
+from weibull_monitor.estimator import histogram as H
+from weibull_monitor.estimator.histogram import (
     N_BINS,
     N_COLUMNS,
     NONFINITE_COLUMN,
@@ -19,6 +19,9 @@ from weibull_monitor.histogram import (
     WeightHistogram,
     histogram_batch,
 )
+from weibull_monitor.estimator.histogram import codes as C
+from weibull_monitor.estimator.histogram import fit_counts as F
+from weibull_monitor.estimator.histogram import runtime as R
 
 
 def counts_of(t: torch.Tensor) -> torch.Tensor:
@@ -46,34 +49,34 @@ def test_codes_are_monotone_in_magnitude():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         v = values.to(dtype)
         v = v[torch.isfinite(v) & (v != 0)]
-        codes = H._codes(v).to(torch.int64)
+        codes = R.codes_of(v).to(torch.int64)
         assert torch.all(codes[1:] >= codes[:-1]), dtype
-        assert torch.equal(codes, H._codes(-v).to(torch.int64))  # the sign is not part of the code
+        assert torch.equal(codes, R.codes_of(-v).to(torch.int64))  # the sign is not part of the code
 
 
 def test_fp32_codes_truncate_with_exact_edges():
-    table = H._code_values("fp32")
+    table = C.code_values("fp32")
     for code in (0x3C00, 0x3F80, 0x3F81, 0x4000, 0x0080):
         edge = torch.tensor([table[code].item()], dtype=torch.float32)
         below = torch.nextafter(edge, torch.zeros(1))
         top = torch.nextafter(torch.tensor([table[code + 1].item()], dtype=torch.float32), torch.zeros(1))
-        assert int(H._codes(edge)[0]) == code
-        assert int(H._codes(below)[0]) == code - 1
-        assert int(H._codes(top)[0]) == code
+        assert int(R.codes_of(edge)[0]) == code
+        assert int(R.codes_of(below)[0]) == code - 1
+        assert int(R.codes_of(top)[0]) == code
 
 
 def test_bf16_bins_reach_halfway_to_the_neighbours():
     # A bf16 cast rounds to nearest: the values that become code c lie between the midpoints to c-1 and c+1,
     # which is the bin the interpolating quantile lookup uses for the exact kinds.
-    table = H._tables(torch.device("cpu"))
-    kind = H.KINDS.index("bf16")
+    table = C.tables(torch.device("cpu"))
+    kind = C.KINDS.index("bf16")
     for code in (0x3C10, 0x3F80, 0x4001):
         value, low, high = (float(np.exp(table[i, kind, code].item())) for i in range(3))
         eps = 1e-7 * value
         inside = torch.tensor([low + eps, high - eps], dtype=torch.float64).to(torch.bfloat16)
         outside = torch.tensor([low - eps, high + eps], dtype=torch.float64).to(torch.bfloat16)
-        assert [int(c) for c in H._codes(inside)] == [code, code]
-        assert [int(c) for c in H._codes(outside)] == [code - 1, code + 1]
+        assert [int(c) for c in R.codes_of(inside)] == [code, code]
+        assert [int(c) for c in R.codes_of(outside)] == [code - 1, code + 1]
 
 
 def test_special_values_and_documented_corners():
@@ -103,8 +106,8 @@ def test_unreadable_tensors_give_an_empty_histogram_with_a_reason():
 
 
 def _reference_counts(t: torch.Tensor) -> torch.Tensor:
-    raw = torch.bincount(H._codes(t.contiguous().reshape(-1)).to(torch.int64), minlength=N_BINS)
-    return H._finalise(raw[None, :], [H.histogram_kind(t.dtype)])[0]
+    raw = torch.bincount(R.codes_of(t.contiguous().reshape(-1)).to(torch.int64), minlength=N_BINS)
+    return C.finalise(raw[None, :], [H.histogram_kind(t.dtype)])[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -112,7 +115,7 @@ def test_chunked_threaded_counting_equals_one_bincount(monkeypatch, dtype):
     w = (torch.randn(300, 257) * 0.02).to(dtype)
     w[0, 0] = float("nan")
     w[5, 7] = 0.0
-    monkeypatch.setattr(H, "CPU_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(R, "CPU_CHUNK_ELEMENTS", 1000)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)  # the thread pool spreads the chunks
     try:
@@ -127,14 +130,14 @@ def test_chunked_threaded_counting_equals_one_bincount(monkeypatch, dtype):
 def test_chunks_are_views_not_copies():
     w = torch.randn(512, 384)
     for view in (w, w[:, 128:256], w.t(), w[::2], w[100:300]):
-        chunks = H._chunks(view, 4096)
+        chunks = R.chunks(view, 4096)
         assert sum(c.numel() for c in chunks) == view.numel()
         assert all(c.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for c in chunks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_strided_views_of_a_fused_matrix(monkeypatch, dtype):
-    monkeypatch.setattr(H, "CPU_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(R, "CPU_CHUNK_ELEMENTS", 5000)
     fused = (torch.randn(3 * 128, 96) * 0.02).to(dtype)  # a QKV projection: rows [q; k; v]
     views = {
         "q rows": fused[:128],
@@ -200,9 +203,9 @@ def test_any_split_merges_back(rows, cols, cut, dtype, seed):
 
 
 def test_batch_equals_single_histograms_and_fits(monkeypatch):
-    monkeypatch.setattr(H, "SMALL_ELEMENTS", 5000)  # some rows share a bincount, others are counted alone
-    monkeypatch.setattr(H, "BATCH_ROWS", 2)
-    monkeypatch.setattr(H, "FIT_BLOCK_ROWS", 3)  # the fit runs in row blocks, still one transfer at the end
+    monkeypatch.setattr(R, "SMALL_ELEMENTS", 5000)  # some rows share a bincount, others are counted alone
+    monkeypatch.setattr(R, "BATCH_ROWS", 2)
+    monkeypatch.setattr(F, "FIT_BLOCK_ROWS", 3)  # the fit runs in row blocks, still one transfer at the end
     tensors = [
         torch.randn(40, 40),
         (torch.randn(30, 50) * 3).to(torch.bfloat16),

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from sabotage import collapse_rule, sabotage_queries
 
+from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
 from weibull_monitor.integrations.lightning import WeibullCallback
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
 EVERY = 5
 MAX_STEPS = 20
@@ -76,8 +76,7 @@ def _events(log_dir: str):
 
 def test_lightning_loggers_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
-
-    from weibull_monitor.sinks.wandb_sink import read_run_alerts, read_run_history, wait_for_run_file
+    from wandb_files import read_run_alerts, read_run_history, wait_for_run_file
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     tb_logger = TensorBoardLogger(str(tmp_path), name="tb")
@@ -202,7 +201,7 @@ def test_lightning_gradient_accumulation_snapshots_on_optimizer_steps_once_each(
 def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path):
     import runpy
 
-    from weibull_monitor.sinks.wandb_sink import read_run_history, wait_for_run_file
+    from wandb_files import read_run_history, wait_for_run_file
 
     out = tmp_path / "example"
     example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_fit.py"))

@@ -12,11 +12,11 @@ import threading
 import pytest
 import torch
 
-from weibull_monitor.fit import K_GAUSSIAN
+from weibull_monitor.demos.toy import byte_batches, tiny_llama
+from weibull_monitor.estimator import K_GAUSSIAN
 from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.sinks import LoggingSink, Sink
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import byte_batches, tiny_llama
 
 CLASS_METRICS = ("k_median", "k_drift", "scale_median", "scale_growth")
 

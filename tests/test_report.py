@@ -23,7 +23,7 @@ def training_store(tmp_path_factory) -> Path:
     """A real run: tiny LLaMA, AdamW with weight decay, the monitor's store and alert engine, 24 steps."""
     from weibull_monitor import WeibullMonitor
     from weibull_monitor.alerts import ScaleRunaway, default_rules
-    from weibull_monitor.toy import byte_batches, tiny_llama
+    from weibull_monitor.demos.toy import byte_batches, tiny_llama
 
     path = tmp_path_factory.mktemp("store") / "run.sqlite"
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def training_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scan_store(tmp_path_factory) -> Path:
     """A single checkpoint scanned into a store (one snapshot)."""
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     root = tmp_path_factory.mktemp("scan")
     tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=3).save_pretrained(root / "model")
@@ -125,7 +125,7 @@ def test_training_report_writes_every_figure_and_the_page(training_store, traini
 
 
 def test_single_scan_report_draws_the_layer_profile(scan_store, tmp_path):
-    from weibull_monitor.report import write_report
+    from weibull_monitor.offline.report import write_report
 
     page = write_report(scan_store, tmp_path / "r")
     names = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
@@ -139,12 +139,12 @@ def test_single_scan_report_draws_the_layer_profile(scan_store, tmp_path):
 
 
 def test_report_of_several_runs_and_a_chosen_run(training_store, scan_store, tmp_path):
-    from weibull_monitor.report import write_report
+    from weibull_monitor.offline.report import write_report
     from weibull_monitor.store import RunStore
 
     both = tmp_path / "both.sqlite"
     shutil.copy(training_store, both)
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     tiny_llama(hidden_size=32, intermediate_size=64).save_pretrained(tmp_path / "m")
     assert (
@@ -235,8 +235,8 @@ def test_page_loads_in_headless_chromium_without_console_errors(training_report,
 
 def test_report_of_a_scanned_series_says_what_a_checkpoint_cannot_tell(tmp_path):
     """A series scanned from disk has no optimizer: the λ-vs-√(η/λ_wd) and T/τ panels say so, the rest is drawn."""
-    from weibull_monitor.report import write_report
-    from weibull_monitor.toy import byte_batches, tiny_llama
+    from weibull_monitor.demos.toy import byte_batches, tiny_llama
+    from weibull_monitor.offline.report import write_report
 
     model = tiny_llama(hidden_size=32, intermediate_size=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)

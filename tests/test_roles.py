@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers as tf
 
-from weibull_monitor import roles
-from weibull_monitor.roles import (
+from weibull_monitor import models as roles
+from weibull_monitor.models import (
     COMPONENTS,
     Role,
     UnknownWeightsWarning,

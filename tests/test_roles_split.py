@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 from transformers import AttentionInterface
 
-from weibull_monitor.roles import classify, split_fused
+from weibull_monitor.models import classify, split_fused
 
 CAPTURE = "weibull_roles_capture"
 

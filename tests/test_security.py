@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from weibull_monitor.cli import main
+from weibull_monitor.demos.toy import tiny_llama
 from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.store import RunStore
-from weibull_monitor.toy import tiny_llama
 
 
 def save_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from weibull_monitor.alerts import Alert
-from weibull_monitor.roles import Role
+from weibull_monitor.models import Role
 
 pytest.importorskip("wandb")
 pytest.importorskip("tensorboard")
@@ -109,7 +109,7 @@ def _layouts(accumulator) -> list:
 
 def _wandb_file(root: Path) -> Path:
     """The finished offline run file under ``root`` (waits for W&B's service to flush it)."""
-    from weibull_monitor.sinks.wandb_sink import wait_for_run_file
+    from wandb_files import wait_for_run_file
 
     files = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
@@ -131,7 +131,7 @@ def wandb_offline(tmp_path, monkeypatch):
 def test_tensorboard_sink_scalars_references_alert_and_one_layout_per_writer(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from weibull_monitor.fit import K_GAUSSIAN
+    from weibull_monitor.estimator import K_GAUSSIAN
     from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink
 
     writer = SummaryWriter(log_dir=str(tmp_path / "shared"))
@@ -151,7 +151,7 @@ def test_tensorboard_sink_scalars_references_alert_and_one_layout_per_writer(tmp
     anchor = accumulator.Scalars("weibull/ref/k_gaussian")
     assert [e.step for e in anchor] == list(STEPS)
     assert anchor[0].value == pytest.approx(K_GAUSSIAN, abs=1e-6)
-    assert accumulator.Scalars("weibull/ref/transmission_band_low")[0].value == pytest.approx(1.18)
+    assert accumulator.Scalars("weibull/ref/transmission_band_low")[0].value == pytest.approx(1.186)  # as the report
     assert accumulator.Scalars("weibull/ref/selection_band_low")[0].value == pytest.approx(1.10)  # GQA: mild
     assert [(e.step, e.value) for e in accumulator.Scalars("weibull/alerts/critical")] == [(20, 1.0)]
 
@@ -188,8 +188,9 @@ def test_tensorboard_sink_owns_a_writer_made_from_log_dir(tmp_path):
 
 def test_wandb_sink_offline_file_holds_metrics_table_heatmap_and_alert(tmp_path, wandb_offline):
     import wandb
+    from wandb_files import read_run_alerts, read_run_history
 
-    from weibull_monitor.sinks.wandb_sink import WandbSink, read_run_alerts, read_run_history
+    from weibull_monitor.sinks.wandb_sink import WandbSink
 
     sink = WandbSink(heatmap_every=2, alert_wait_s=120)
     _feed(sink)
@@ -224,8 +225,9 @@ def test_wandb_sink_offline_file_holds_metrics_table_heatmap_and_alert(tmp_path,
 
 def test_wandb_sink_level_mapping_and_missing_run(tmp_path, wandb_offline):
     import wandb
+    from wandb_files import read_run_alerts
 
-    from weibull_monitor.sinks.wandb_sink import WandbSink, read_run_alerts
+    from weibull_monitor.sinks.wandb_sink import WandbSink
 
     sink = WandbSink(wandb_offline, step_metric="trainer/global_step", table_every=0, heatmap_every=0)
     for level in ("info", "warning", "critical"):
@@ -245,8 +247,9 @@ def test_wandb_sink_without_matplotlib_skips_the_heatmap_visibly(
     import sys
 
     import wandb
+    from wandb_files import read_run_history
 
-    from weibull_monitor.sinks.wandb_sink import WandbSink, read_run_history
+    from weibull_monitor.sinks.wandb_sink import WandbSink
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the `plot` extra were not installed
     sink = WandbSink(table_every=1, heatmap_every=1)
@@ -260,7 +263,7 @@ def test_wandb_sink_without_matplotlib_skips_the_heatmap_visibly(
 
 
 def test_k_heatmap_groups_layers_by_step():
-    from weibull_monitor.sinks.wandb_sink import KHistory, render_k_heatmap
+    from weibull_monitor.sinks.heatmap import KHistory, render_k_heatmap
 
     history = KHistory()
     for step in STEPS:
@@ -305,9 +308,9 @@ def test_lightning_logger_sink_csv_tensorboard_and_wandb_loggers(tmp_path, monke
     pytest.importorskip("lightning")
     import wandb
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from wandb_files import read_run_alerts, read_run_history
 
     from weibull_monitor.sinks.lightning_sink import LightningLoggerSink
-    from weibull_monitor.sinks.wandb_sink import read_run_alerts, read_run_history
 
     csv_logger = CSVLogger(str(tmp_path), name="csv")
     tb_logger = TensorBoardLogger(str(tmp_path), name="tb")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from weibull_monitor.alerts import Alert
-from weibull_monitor.fit import fit_weibull
-from weibull_monitor.roles import Role
+from weibull_monitor.estimator import fit_weibull
+from weibull_monitor.models import Role
 from weibull_monitor.snapshot import Snapshot
 from weibull_monitor.store import SCHEMA_VERSION, RunStore, StoreError, StoreWriter
 

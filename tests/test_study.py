@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weibull_monitor import study
+from weibull_monitor.demos import study
 from weibull_monitor.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_analyse_store_needs_two_usable_runs(tmp_path):
     with pytest.raises(study.StudyError, match="at least two"):
         study.analyse_store(tmp_path / "empty.sqlite")
     # a run without an optimizer (no η, no λ_wd) is named with its reason, not silently dropped
+    from weibull_monitor.demos.toy import tiny_llama
     from weibull_monitor.monitor import WeibullMonitor
-    from weibull_monitor.toy import tiny_llama
 
     model = tiny_llama(0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     with WeibullMonitor(

@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from weibull_monitor._version import __version__
 
 _LAZY = {
-    "fit_weibull": "weibull_monitor.fit",
-    "fit_many": "weibull_monitor.fit",
-    "WeibullFit": "weibull_monitor.fit",
-    "K_GAUSSIAN": "weibull_monitor.fit",
-    "LAMBDA_PER_SIGMA": "weibull_monitor.fit",
-    "WeightHistogram": "weibull_monitor.histogram",
+    "fit_weibull": "weibull_monitor.estimator",
+    "fit_many": "weibull_monitor.estimator",
+    "WeibullFit": "weibull_monitor.estimator",
+    "K_GAUSSIAN": "weibull_monitor.estimator",
+    "LAMBDA_PER_SIGMA": "weibull_monitor.estimator",
+    "WeightHistogram": "weibull_monitor.estimator.histogram",
     "WeibullMonitor": "weibull_monitor.monitor",
-    "Snapshot": "weibull_monitor.monitor",
+    "Snapshot": "weibull_monitor.snapshot",
     "RunStore": "weibull_monitor.store",
     "Alert": "weibull_monitor.alerts",
     "Rule": "weibull_monitor.alerts",
@@ -27,7 +27,7 @@ _LAZY = {
     "AlertEngine": "weibull_monitor.alerts",
     "default_rules": "weibull_monitor.alerts",
     "LoggingSink": "weibull_monitor.sinks",
-    "Role": "weibull_monitor.roles",
+    "Role": "weibull_monitor.models",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from weibull_monitor import __version__
+from weibull_monitor._version import __version__
 
 EXIT_USAGE = 2
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=int, default=None, help="observe every N steps (default: steps / 30)")
     demo.add_argument("--seed", type=int, default=0)
 
-    from weibull_monitor import study
+    from weibull_monitor.demos import study
 
     study.build_parser(
         commands.add_parser(
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from weibull_monitor import scan as scanning
+    from weibull_monitor.offline import scan as scanning
+    from weibull_monitor.offline import tables
 
     progress = False if args.no_progress else None
     all_results = []
@@ -121,16 +122,16 @@ def _scan(args: argparse.Namespace) -> int:
         all_results.append(results)
     flat = [r for results in all_results for r in results]
     if args.json:
-        print(scanning.rows_to_json(flat))
+        print(tables.rows_to_json(flat))
     elif args.csv:
-        sys.stdout.write(scanning.rows_to_csv(flat))
+        sys.stdout.write(tables.rows_to_csv(flat))
     else:
-        print("\n\n".join(scanning.format_tables(results) for results in all_results))
+        print("\n\n".join(tables.format_tables(results) for results in all_results))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from weibull_monitor.report import write_report
+    from weibull_monitor.offline.report import write_report
 
     store = Path(args.store)
     if not store.is_file():
@@ -143,14 +144,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from weibull_monitor.demo import run_demo
+    from weibull_monitor.demos.demo import run_demo
 
     run_demo(steps=args.steps, out=Path(args.out), every=args.every, seed=args.seed)
     return 0
 
 
 def _study(args: argparse.Namespace) -> int:
-    from weibull_monitor.study import run_from_args
+    from weibull_monitor.demos.study import run_from_args
 
     return run_from_args(args)
 
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from weibull_monitor.loaders import LoaderError
-    from weibull_monitor.report import ReportError
+    from weibull_monitor.offline.report import ReportError
+    from weibull_monitor.offline.sources import LoaderError
     from weibull_monitor.store import StoreError
 
     handlers = {"scan": _scan, "report": _report, "demo": _demo, "study": _study}

@@ -69,8 +69,8 @@ def keep_last_snapshot(callback) -> list:
 def run_hf(out_dir: Path, name: str, max_steps: int, rules=None, stop: bool = False) -> dict:
     from transformers import Trainer, TrainingArguments
 
+    from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
     from weibull_monitor.integrations.hf import WeibullCallback
-    from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
     callback = WeibullCallback(
         every=4, store=str(out_dir / f"{name}.sqlite"), stop_on_critical=stop, rules=rules
@@ -104,8 +104,8 @@ def run_lightning(out_dir: Path, name: str, max_steps: int, rules=None, stop: bo
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy
 
+    from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
     from weibull_monitor.integrations.lightning import WeibullCallback
-    from weibull_monitor.toy import ByteWindowDataset, tiny_llama
 
     class LitLlama(pl.LightningModule):
         def __init__(self):

@@ -51,27 +51,40 @@ def entries_for(model, config, shadow=None, role_map=None):
     ``shadow`` maps a parameter name to a stand-in object to use instead of the model's parameter (ZeRO-3 checks);
     ``role_map`` replaces ``roles.model_roles(model)`` (a ZeRO-3 model's parameters have empty local shapes).
     """
-    from weibull_monitor import distributed, roles
-    from weibull_monitor.snapshot import MatrixEntry
+    from weibull_monitor import distributed
+    from weibull_monitor import models as roles
+    from weibull_monitor.snapshot import entries_for as entries_of_param
 
     params = dict(model.named_parameters())
     entries = []
     for name, role in (role_map or roles.model_roles(model)).items():
         tensor = shadow[name] if shadow and name in shadow else params[name]
-        entries.append(MatrixEntry(name, name, tensor, role))
-        if roles.fused_components(role):
-            for component, view in distributed.split_views(name, tensor, config).items():
-                key = roles.split_key(name, component)
-                entries.append(
-                    MatrixEntry(key, name, view, roles.view_role(name, role, component), component)
-                )
+        entries += entries_of_param(name, distributed.matrix_of(tensor), role, config)
     return entries
+
+
+def fit_entries(entries, method="histogram"):
+    """The collective fit of a list of entries (what the monitor calls at every snapshot)."""
+    from weibull_monitor import distributed
+
+    return distributed.fit_matrices([e.key for e in entries], [e.matrix for e in entries], method)
+
+
+def kind_of(entry) -> str:
+    """How an entry's matrix is read: replicated, sharded, or a split part of a sharded parameter."""
+    from weibull_monitor import distributed
+
+    return {
+        distributed.LocalMatrix: "replicated",
+        distributed.ShardedMatrix: "sharded",
+        distributed.ShardedView: "split",
+    }[type(entry.matrix)]
 
 
 def reference_fits(model, config, method="histogram"):
     """Single-process fits of the full weights (plain tensors: no process group is consulted)."""
-    from weibull_monitor import roles
-    from weibull_monitor.fit import fit_many
+    from weibull_monitor import models as roles
+    from weibull_monitor.estimator import fit_many
 
     named = []
     params = dict(model.named_parameters())
@@ -86,15 +99,13 @@ def reference_fits(model, config, method="histogram"):
 
 def gathered_share_values(entries) -> dict:
     """For split entries: every rank's share values, gathered here for the test only (sorted lists)."""
-    from weibull_monitor import distributed
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {}
     for entry in entries:
         if entry.component is None:
             continue
-        kind = distributed._kind(entry.tensor)
-        pieces = distributed._local_pieces(entry.tensor, kind, 0, rank)
+        pieces = entry.matrix.local_pieces(0, rank)
         values = torch.cat([p.reshape(-1).float() for p in pieces]) if pieces else torch.empty(0)
         mine[entry.key] = values.tolist()
     everyone = [None] * world
@@ -126,14 +137,13 @@ def zero3_standin(weight: torch.Tensor, rank: int, world: int) -> torch.nn.Param
 
 
 def reference_fits_of(named):
-    from weibull_monitor.fit import fit_many
+    from weibull_monitor.estimator import fit_many
 
     return dict(fit_many(named, method="histogram"))
 
 
 def check_ddp(out: dict) -> None:
-    from weibull_monitor import distributed
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     model = tiny_llama(
         seed=1, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2
@@ -142,56 +152,61 @@ def check_ddp(out: dict) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     entries = entries_for(ddp.module, model.config)
     out["ddp"] = {
-        "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+        "dist": fits_json(fit_entries(entries, "histogram")),
         "ref": fits_json(reference),
     }
     exact_ref, _ = reference_fits(model, model.config, method="exact")
     out["ddp_exact"] = {
-        "dist": fits_json(distributed.compute_fits(entries, "exact")),
+        "dist": fits_json(fit_entries(entries, "exact")),
         "ref": fits_json(exact_ref),
     }
     # A fit that is not ok (an all-zero matrix) among ok ones: it crosses as an object, the others as table rows.
+    from weibull_monitor.distributed import LocalMatrix
+    from weibull_monitor.models import Role
     from weibull_monitor.snapshot import MatrixEntry
 
     zeros = torch.zeros(64, 64)
-    mixed = [*entries, MatrixEntry("all_zero", "all_zero", zeros, "other")]
+    other = Role(layer=None, component="other", klass="other")
+    mixed = [*entries, MatrixEntry("all_zero", "all_zero", LocalMatrix(zeros), other)]
     mixed_ref = dict(reference)
     mixed_ref["all_zero"] = reference_fits_of([("all_zero", zeros)])["all_zero"]
     out["ddp_mixed"] = {
-        "dist": fits_json(distributed.compute_fits(mixed, "histogram")),
+        "dist": fits_json(fit_entries(mixed, "histogram")),
         "ref": fits_json(mixed_ref),
     }
     # Which rank histogrammed what: each rank should carry about half of the elements.
-    sizes = [e.tensor.numel() for e in entries]
-    owners = distributed._owners(sizes, dist.get_world_size())
+    from weibull_monitor.distributed.collective import deal_owners
+
+    sizes = [e.matrix.numel for e in entries]
+    owners = deal_owners(sizes, dist.get_world_size())
     out["ddp_load"] = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(dist.get_world_size())]
     # A local failure on one rank only (fault injected into rank 1's histogram engine for one matrix it owns):
     # that matrix is skipped with the reason on both ranks, the others are fitted, nothing hangs.
-    from weibull_monitor import histogram
+    from weibull_monitor.estimator.histogram import runtime
 
     victim = next(i for i, owner in enumerate(owners) if owner == 1)
-    real_batch = histogram._count_batch  # the engine call the distributed path makes
+    real_batch = runtime.count_batch  # the engine call the distributed path makes
 
     def failing_batch(tensors, out=None):
-        target = entries[victim].tensor
+        target = entries[victim].matrix.tensor
         if dist.get_rank() == 1 and any(
             t.data_ptr() == target.data_ptr() and t.shape == target.shape for t in tensors
         ):
             raise RuntimeError("injected fault")
         return real_batch(tensors, out)
 
-    histogram._count_batch = failing_batch
+    runtime.count_batch = failing_batch
     try:
         out["local_failure"] = {
             "victim": entries[victim].key,
-            "fits": fits_json(distributed.compute_fits(entries, "histogram")),
+            "fits": fits_json(fit_entries(entries, "histogram")),
             "ref": fits_json(reference),
         }
     finally:
-        histogram._count_batch = real_batch
+        runtime.count_batch = real_batch
     # Mismatched entry lists: a clean not-ok result on every rank, not a hang.
     short = entries[:-1] if dist.get_rank() == 1 else entries
-    out["mismatch"] = fits_json(distributed.compute_fits(short, "histogram"))
+    out["mismatch"] = fits_json(fit_entries(short, "histogram"))
 
 
 MANY_SMALL = 2000  # 16x16 matrices: a full-width count table would need 256 KB x 2000 = 500 MiB
@@ -203,7 +218,7 @@ def _rss_bytes() -> int:
 
 
 def check_many_small(out: dict) -> None:
-    """Many small matrices under DDP: the fits, and this rank's peak RSS growth during compute_fits.
+    """Many small matrices under DDP: the fits, and this rank's peak RSS growth during fit_matrices.
 
     The peak is the larger of a 1 ms RSS sampler and the kernel's high-water mark (ru_maxrss) when the call raised
     it: a lower bound of what the call really needed, never more. Run early, before other checks raise the mark.
@@ -212,9 +227,9 @@ def check_many_small(out: dict) -> None:
     import resource
     import threading
 
-    from weibull_monitor import distributed
-    from weibull_monitor.fit import fit_many
-    from weibull_monitor.roles import Role
+    from weibull_monitor.distributed import LocalMatrix
+    from weibull_monitor.estimator import fit_many
+    from weibull_monitor.models import Role
     from weibull_monitor.snapshot import MatrixEntry
 
     generator = torch.Generator().manual_seed(7)
@@ -225,8 +240,10 @@ def check_many_small(out: dict) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     named = [(name, param.detach()) for name, param in ddp.module.named_parameters()]
     reference = fit_many(named)
-    role = Role(layer=None, component="other", klass="other")  # compute_fits never reads the role
-    entries = [MatrixEntry(name, name, param, role) for name, param in ddp.module.named_parameters()]
+    role = Role(layer=None, component="other", klass="other")  # fit_matrices never reads the role
+    entries = [
+        MatrixEntry(name, name, LocalMatrix(param), role) for name, param in ddp.module.named_parameters()
+    ]
 
     gc.collect()
     before = _rss_bytes()
@@ -242,7 +259,7 @@ def check_many_small(out: dict) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        fits = distributed.compute_fits(entries, "histogram")
+        fits = fit_entries(entries, "histogram")
     finally:
         done.set()
         sampler.join()
@@ -259,8 +276,7 @@ def check_many_small(out: dict) -> None:
 def check_fsdp2(out: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from weibull_monitor import distributed
-    from weibull_monitor.toy import tiny_llama
+    from weibull_monitor.demos.toy import tiny_llama
 
     model = tiny_llama(
         seed=2, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2
@@ -270,9 +286,9 @@ def check_fsdp2(out: dict) -> None:
         fully_shard(layer)
     fully_shard(model)
     entries = entries_for(model, model.config)
-    out["fsdp2_llama_kinds"] = sorted({distributed._kind(e.tensor) for e in entries})
+    out["fsdp2_llama_kinds"] = sorted({kind_of(e) for e in entries})
     out["fsdp2_llama"] = {
-        "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+        "dist": fits_json(fit_entries(entries, "histogram")),
         "ref": fits_json(reference),
     }
 
@@ -301,14 +317,13 @@ def fused_models():
 def check_fused_fsdp2(out: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from weibull_monitor import distributed
 
     for name, model in fused_models().items():
         reference, full = reference_fits(model, model.config)
         fully_shard(model)
         entries = entries_for(model, model.config)
         out[f"fsdp2_{name}"] = {
-            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "dist": fits_json(fit_entries(entries, "histogram")),
             "ref": fits_json(reference),
         }
         values = gathered_share_values(entries)
@@ -319,8 +334,8 @@ def check_fused_fsdp2(out: dict) -> None:
 
 
 def check_monitor_fsdp2(out: dict) -> None:
-    """The user path: WeibullMonitor on an FSDP2 model with a fused QKV (collect_entries -> split_views ->
-    compute_fits); rank 0 writes the store, rank 1 writes nothing."""
+    """The user path: WeibullMonitor on an FSDP2 model with a fused QKV (collect_entries -> split parts ->
+    fit_matrices); rank 0 writes the store, rank 1 writes nothing."""
     from torch.distributed.fsdp import fully_shard
 
     from weibull_monitor.monitor import WeibullMonitor
@@ -343,8 +358,9 @@ def check_dtensor_placements(out: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from weibull_monitor import distributed, roles
-    from weibull_monitor.snapshot import MatrixEntry
+    from weibull_monitor import distributed
+    from weibull_monitor import models as roles
+    from weibull_monitor.snapshot import entries_for as entries_of_param
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     # Shard over a mesh dimension of size 1, replicate over the 2 ranks: only coordinate 0 may count.
@@ -362,21 +378,14 @@ def check_dtensor_placements(out: dict) -> None:
             entries = []
             for name, role in role_map.items():
                 tensor = distribute_tensor(params[name].detach(), device_mesh, placements)
-                entries.append(MatrixEntry(name, name, tensor, role))
-                if roles.fused_components(role):
-                    for component, view in distributed.split_views(name, tensor, model.config).items():
-                        key = roles.split_key(name, component)
-                        entries.append(
-                            MatrixEntry(key, name, view, roles.view_role(name, role, component), component)
-                        )
+                entries += entries_of_param(name, distributed.matrix_of(tensor), role, model.config)
             out[f"dtensor_{layout}_{model_name}"] = {
-                "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+                "dist": fits_json(fit_entries(entries, "histogram")),
                 "ref": fits_json(reference),
             }
 
 
 def check_zero3_standin(out: dict) -> None:
-    from weibull_monitor import distributed
 
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, model in fused_models().items():
@@ -384,7 +393,7 @@ def check_zero3_standin(out: dict) -> None:
         shadow = {n: zero3_standin(p, rank, world) for n, p in model.named_parameters() if p.dim() == 2}
         entries = entries_for(model, model.config, shadow)
         out[f"zero3_{name}"] = {
-            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "dist": fits_json(fit_entries(entries, "histogram")),
             "ref": fits_json(reference),
         }
         values = gathered_share_values(entries)
@@ -401,8 +410,9 @@ def check_zero3_deepspeed(out: dict) -> None:
     except ImportError as error:
         out["deepspeed"] = f"unavailable: {error}"
         return
-    from weibull_monitor import distributed, roles
-    from weibull_monitor.fit import fit_many
+    from weibull_monitor import distributed
+    from weibull_monitor import models as roles
+    from weibull_monitor.estimator import fit_many
 
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -419,7 +429,7 @@ def check_zero3_deepspeed(out: dict) -> None:
         out[f"ds_{name}_partitioned"] = all(distributed.is_sharded(params[n]) for n in role_map)
         entries = entries_for(engine.module, model.config, shadow=params, role_map=role_map)
         out[f"ds_{name}"] = {
-            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "dist": fits_json(fit_entries(entries, "histogram")),
             "ref": fits_json(reference),
         }
         if name == "neox":  # the user path: WeibullMonitor on the ZeRO-3 model (rank 0 would write)
@@ -434,7 +444,7 @@ def check_zero3_deepspeed(out: dict) -> None:
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-        after = distributed.compute_fits(entries, "histogram")
+        after = fit_entries(entries, "histogram")
         # The reference after the step needs the full weights: gathered here in the test, never by the library.
         named = []
         with deepspeed.zero.GatheredParameters([params[n] for n in role_map]):
@@ -452,7 +462,8 @@ def check_fsdp1(out: dict) -> None:
     inside the fused QKV weight), then the root; parameters registered with distributed.register_fsdp1."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from weibull_monitor import distributed, roles
+    from weibull_monitor import distributed
+    from weibull_monitor import models as roles
 
     for name, model in fused_models().items():
         role_map = roles.model_roles(model)
@@ -468,10 +479,10 @@ def check_fsdp1(out: dict) -> None:
         wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
         out[f"fsdp1_{name}_registered"] = distributed.register_fsdp1(wrapped)
         params = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in wrapped.named_parameters()}
-        out[f"fsdp1_{name}_kinds"] = sorted({distributed._kind(params[n]) for n in role_map})
+        out[f"fsdp1_{name}_kinds"] = sorted({type(distributed.matrix_of(params[n])).__name__ for n in role_map})
         entries = entries_for(model, model.config, shadow=params, role_map=role_map)
         out[f"fsdp1_{name}"] = {
-            "dist": fits_json(distributed.compute_fits(entries, "histogram")),
+            "dist": fits_json(fit_entries(entries, "histogram")),
             "ref": fits_json(reference),
         }
         values = gathered_share_values(entries)

@@ -36,9 +36,9 @@ def build(store_path: str, ckpt_path: str | None):
     import torch
 
     from weibull_monitor.alerts import Breach, Rule
+    from weibull_monitor.demos.toy import tiny_llama
     from weibull_monitor.monitor import WeibullMonitor
     from weibull_monitor.store import RunStore
-    from weibull_monitor.toy import tiny_llama
 
     class Streak(Rule):
         """Breaches at every snapshot; fires after 3 in a row, then waits 5 steps: alert steps depend on the
@@ -176,9 +176,9 @@ def main() -> None:
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401  (transformers imports models lazily: ~4 s)
 
-    import weibull_monitor.histogram
+    import weibull_monitor.estimator.histogram
+    import weibull_monitor.models
     import weibull_monitor.monitor
-    import weibull_monitor.roles
     import weibull_monitor.store  # noqa: F401
 
     # reference: the same run, never interrupted

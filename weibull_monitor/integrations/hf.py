@@ -12,24 +12,26 @@ the dashboards named in ``args.report_to`` (W&B, TensorBoard, MLflow), alerts to
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from weibull_monitor.integrations._common import (
-    CallbackSettings,
+from weibull_monitor.integrations.options import (
+    CallbackOptions,
     build_monitor,
-    from_json_safe,
-    json_safe,
+    callback_signature,
     observe,
     start_series,
     store_path,
 )
+from weibull_monitor.plain_data import from_json_safe, json_safe
+from weibull_monitor.sinks.registry import SinkContext, sinks_for
 
 logger = logging.getLogger("weibull_monitor.integrations.hf")
 
@@ -93,64 +95,27 @@ def tensorboard_log_dir(args: Any, callbacks: Sequence[Any] = ()) -> str:
 class WeibullCallback(TrainerCallback, ExportableState):
     """Weibull monitoring for the HF Trainer.
 
-    Args:
-        every: snapshot every this many optimizer steps.
-        store: SQLite run store path; ``None``: ``<args.output_dir>/weibull.sqlite``; ``False``: no store.
-        run_name: name of the run in the store; default a fresh unique name (a resumed run takes the name
-            saved in its checkpoint, so it appends to the same series).
-        stop_on_critical: set ``control.should_training_stop`` when a critical alert fires.
-        rules: alert rules (default: the built-in rules).
-        include, exclude: which matrices to watch (passed to the monitor).
-        method: ``"histogram"`` (fast, default) or ``"exact"``.
-        sinks: extra sinks besides those picked from ``args.report_to``.
-        dashboards: pick sinks from ``args.report_to`` (``wandb``, ``tensorboard``, ``mlflow``).
-        heatmap_every: W&B layer x step heatmap of k every this many snapshots (0: never).
-        alert_wait_s: seconds W&B waits before sending the same alert again.
-        on_alert: called with every fired alert (on the main process).
-        monitor_kwargs: any other ``WeibullMonitor`` keyword.
-        resume_state: monitor state to restore (set by transformers when it rebuilds the callback).
+    Takes ``every`` and the keyword options of :class:`~weibull_monitor.integrations.options.CallbackOptions`
+    (store, run_name, stop_on_critical, rules, include, exclude, method, sinks, dashboards, heatmap_every,
+    alert_wait_s, on_alert, overrides, monitor_kwargs); ``resume_state`` is the monitor state transformers hands
+    back when it rebuilds the callback from a checkpoint. Dashboards come from ``args.report_to`` (any name in
+    :func:`weibull_monitor.sinks.registry.dashboards`); the store defaults to ``<args.output_dir>/weibull.sqlite``.
     """
 
     def __init__(
-        self,
-        every: int = 100,
-        *,
-        store: str | os.PathLike | bool | None = None,
-        run_name: str | None = None,
-        stop_on_critical: bool = False,
-        rules: Sequence[Any] | None = None,
-        include: Any = None,
-        exclude: Any = None,
-        method: str = "histogram",
-        sinks: Sequence[Any] = (),
-        dashboards: bool = True,
-        heatmap_every: int = 5,
-        alert_wait_s: float = 300.0,
-        on_alert: Callable[[Any], None] | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        monitor_kwargs: dict[str, Any] | None = None,
-        resume_state: dict[str, Any] | None = None,
+        self, every: int = 100, *, resume_state: dict[str, Any] | None = None, **options: Any
     ) -> None:
-        self.settings = CallbackSettings(
-            every=every,
-            store=store,
-            run_name=run_name,
-            stop_on_critical=stop_on_critical,
-            method=method,
-            include=include,
-            exclude=exclude,
-            heatmap_every=heatmap_every,
-            alert_wait_s=alert_wait_s,
-            dashboards=dashboards,
-            rules=rules,
-            sinks=tuple(sinks),
-            on_alert=on_alert,
-            overrides=overrides,
-            monitor_kwargs=dict(monitor_kwargs or {}),
-        )
+        self.settings = CallbackOptions(every=every, **options)
         self.monitor: Any = None
         self.resume_state = resume_state
         self.dashboard_sinks: list[Any] = []
+
+    __init__.__signature__ = callback_signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("every", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=100),
+            inspect.Parameter("resume_state", inspect.Parameter.KEYWORD_ONLY, default=None),
+        ]
+    )
 
     # ---- transformers' stateful-callback export (trainer_state.json inside each checkpoint) ----
 
@@ -182,43 +147,13 @@ class WeibullCallback(TrainerCallback, ExportableState):
     # ---- sinks from report_to ----
 
     def _dashboard_sinks(self, args: Any, callbacks: Sequence[Any]) -> list[Any]:
-        sinks: list[Any] = []
-        report_to = _report_to(args)
-        if "wandb" in report_to:
-            import wandb
-
-            from weibull_monitor.sinks.wandb_sink import WandbSink
-
-            if wandb.run is None:
-                logger.warning(
-                    "report_to has wandb but no W&B run is active: Weibull metrics are not sent to W&B"
-                )
-            else:
-                sinks.append(
-                    WandbSink(
-                        wandb.run,
-                        step_metric=HF_WANDB_STEP,
-                        heatmap_every=self.settings.heatmap_every,
-                        alert_wait_s=self.settings.alert_wait_s,
-                    )
-                )
-        if "tensorboard" in report_to:
-            from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink
-
-            sinks.append(TensorBoardSink(log_dir=tensorboard_log_dir(args, callbacks)))
-        if "mlflow" in report_to:
-            import mlflow
-
-            from weibull_monitor.sinks.mlflow_sink import MLflowSink
-
-            active = mlflow.active_run()
-            if active is None:
-                logger.warning(
-                    "report_to has mlflow but no MLflow run is active: Weibull metrics are not sent there"
-                )
-            else:
-                sinks.append(MLflowSink(active.info.run_id))
-        return sinks
+        context = SinkContext(
+            step_metric=HF_WANDB_STEP,
+            heatmap_every=self.settings.heatmap_every,
+            alert_wait_s=self.settings.alert_wait_s,
+            tensorboard_dir=lambda: tensorboard_log_dir(args, callbacks),
+        )
+        return sinks_for(_report_to(args), context)
 
     # ---- Trainer events ----
 

@@ -12,20 +12,22 @@ attached, keeps its store under the trainer's log directory and saves its state 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from weibull_monitor.integrations._common import (
-    CallbackSettings,
+from weibull_monitor.integrations.options import (
+    CallbackOptions,
     build_monitor,
+    callback_signature,
     observe,
     start_series,
     store_path,
 )
+from weibull_monitor.sinks.lightning_sink import LightningLoggerSink
 
 logger = logging.getLogger("weibull_monitor.integrations.lightning")
 
@@ -33,63 +35,24 @@ logger = logging.getLogger("weibull_monitor.integrations.lightning")
 class WeibullCallback(Callback):
     """Weibull monitoring for the Lightning Trainer.
 
-    Args:
-        every: snapshot every this many optimizer steps (``trainer.global_step``).
-        store: SQLite run store path; ``None``: ``<trainer.log_dir>/weibull.sqlite``; ``False``: no store.
-        run_name: name of the run in the store; default a fresh unique name (a fit resumed from a ``.ckpt``
-            takes the name saved in it, so it appends to the same series).
-        stop_on_critical: set ``trainer.should_stop`` when a critical alert fires.
-        rules, include, exclude, method, overrides: passed to the monitor.
-        sinks: extra sinks besides one ``LightningLoggerSink`` per attached logger.
-        dashboards: log through ``trainer.loggers``.
-        heatmap_every: W&B layer x step heatmap of k every this many snapshots (0: never).
-        alert_wait_s: seconds W&B waits before sending the same alert again.
-        on_alert: called with every fired alert (on global rank zero).
-        monitor_kwargs: any other ``WeibullMonitor`` keyword.
+    Takes ``every`` (optimizer steps, ``trainer.global_step``) and the keyword options of
+    :class:`~weibull_monitor.integrations.options.CallbackOptions`. Logs through every logger in
+    ``trainer.loggers`` (one ``LightningLoggerSink`` each; W&B and TensorBoard loggers get their richer surface);
+    the store defaults to ``<trainer.log_dir>/weibull.sqlite``.
     """
 
-    def __init__(
-        self,
-        every: int = 100,
-        *,
-        store: str | os.PathLike | bool | None = None,
-        run_name: str | None = None,
-        stop_on_critical: bool = False,
-        rules: Sequence[Any] | None = None,
-        include: Any = None,
-        exclude: Any = None,
-        method: str = "histogram",
-        sinks: Sequence[Any] = (),
-        dashboards: bool = True,
-        heatmap_every: int = 5,
-        alert_wait_s: float = 300.0,
-        on_alert: Callable[[Any], None] | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        monitor_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.settings = CallbackSettings(
-            every=every,
-            store=store,
-            run_name=run_name,
-            stop_on_critical=stop_on_critical,
-            method=method,
-            include=include,
-            exclude=exclude,
-            heatmap_every=heatmap_every,
-            alert_wait_s=alert_wait_s,
-            dashboards=dashboards,
-            rules=rules,
-            sinks=tuple(sinks),
-            on_alert=on_alert,
-            overrides=overrides,
-            monitor_kwargs=dict(monitor_kwargs or {}),
-        )
+    def __init__(self, every: int = 100, **options: Any) -> None:
+        self.settings = CallbackOptions(every=every, **options)
         self.monitor: Any = None
         self._pending_state: dict[str, Any] | None = None
         self._last_step: int | None = None
         # Where the series lives. Saved in checkpoints: a resumed fit gets a new logger version (a new log_dir),
         # but its snapshots belong to the same series, so it keeps appending to the same store and run.
         self.store_path: str | None = None
+
+    __init__.__signature__ = callback_signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("every", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=100)]
+    )
 
     @property
     def state_key(self) -> str:
@@ -121,8 +84,6 @@ class WeibullCallback(Callback):
     def _sinks(self, trainer: Any) -> list[Any]:
         sinks: list[Any] = []
         if self.settings.dashboards:
-            from weibull_monitor.sinks.lightning_sink import LightningLoggerSink
-
             sinks = [
                 LightningLoggerSink(
                     lg, heatmap_every=self.settings.heatmap_every, alert_wait_s=self.settings.alert_wait_s

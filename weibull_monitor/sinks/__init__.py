@@ -1,7 +1,10 @@
 """Sinks: where snapshots and alerts go (one small class per dashboard, one interface: :class:`Sink`).
 
-``LoggingSink`` ships here; dashboard sinks live in their own modules and are imported on first use so that
-``import weibull_monitor.sinks`` never pulls in wandb, tensorboard, lightning or mlflow.
+``base`` (the interface) -> ``guard`` (every sink runs on a worker thread; a failing or hanging one never stops
+training) -> one module per dashboard, found by name through ``registry`` (``report_to`` names, Lightning logger
+classes; :func:`register_dashboard` adds one). ``heatmap`` is the layer x step renderer the W&B sink and the report
+share. Dashboard modules are imported on first use, so ``import weibull_monitor.sinks`` never pulls in wandb,
+tensorboard, lightning or mlflow.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ _LAZY = {
     "TensorBoardSink": "weibull_monitor.sinks.tensorboard_sink",
     "LightningLoggerSink": "weibull_monitor.sinks.lightning_sink",
     "MLflowSink": "weibull_monitor.sinks.mlflow_sink",
+    "Dashboard": "weibull_monitor.sinks.registry",
+    "SinkContext": "weibull_monitor.sinks.registry",
+    "register_dashboard": "weibull_monitor.sinks.registry",
 }
 
 __all__ = ["LoggingSink", "Sink", *_LAZY]

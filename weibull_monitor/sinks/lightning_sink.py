@@ -11,21 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.registry import SinkContext, dashboard_for_logger, rich_sink_for_logger
+from weibull_monitor.snapshot import keys
 
 if TYPE_CHECKING:
     from weibull_monitor.alerts import Alert
-    from weibull_monitor.monitor import Snapshot
+    from weibull_monitor.snapshot import Snapshot
 
 #: The history key Lightning's ``WandbLogger`` plots everything against.
 LIGHTNING_WANDB_STEP = "trainer/global_step"
-
-
-def _is_wandb_logger(logger: Any) -> bool:
-    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
-
-
-def _is_tensorboard_logger(logger: Any) -> bool:
-    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
 class LightningLoggerSink(Sink):
@@ -58,7 +52,7 @@ class LightningLoggerSink(Sink):
         self._rich_sink: Sink | None = None
         self._rich_sink_made = False
         self._alert_counts: dict[str, int] = {}
-        self.run_in_thread = _is_wandb_logger(logger) or _is_tensorboard_logger(logger)
+        self.run_in_thread = dashboard_for_logger(logger) is not None
 
     @property
     def name(self) -> str:
@@ -68,19 +62,14 @@ class LightningLoggerSink(Sink):
         """The sink for the logger's richer surface, made on first need (``experiment`` may start a W&B run)."""
         if not self._rich_sink_made:
             self._rich_sink_made = True
-            if self.rich and _is_wandb_logger(self.logger):
-                from weibull_monitor.sinks.wandb_sink import WandbSink
-
-                self._rich_sink = WandbSink(
-                    self.logger.experiment,
+            if self.rich:
+                context = SinkContext(
                     step_metric=LIGHTNING_WANDB_STEP,
                     heatmap_every=self.heatmap_every,
                     alert_wait_s=self.alert_wait_s,
+                    logger=self.logger,
                 )
-            elif self.rich and _is_tensorboard_logger(self.logger):
-                from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink
-
-                self._rich_sink = TensorBoardSink(self.logger.experiment)
+                self._rich_sink = rich_sink_for_logger(self.logger, context)
         return self._rich_sink
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -94,7 +83,7 @@ class LightningLoggerSink(Sink):
             return
         self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
         self.logger.log_metrics(
-            {f"weibull/alerts/{alert.level}": float(self._alert_counts[alert.level])}, step=alert.step
+            {keys.alert_count(alert.level): float(self._alert_counts[alert.level])}, step=alert.step
         )
 
     def log_snapshot(self, snapshot: Snapshot) -> None:

@@ -6,15 +6,20 @@ MLflow is imported lazily. The sink logs to one run, by id, through ``MlflowClie
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from weibull_monitor.plain_data import finite_or_none
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.registry import SinkContext
+from weibull_monitor.snapshot import keys
 
 if TYPE_CHECKING:
     from weibull_monitor.alerts import Alert
-    from weibull_monitor.monitor import Snapshot
+    from weibull_monitor.snapshot import Snapshot
+
+logger = logging.getLogger("weibull_monitor.sinks")
 
 #: MLflow accepts at most this many metrics in one ``log_batch`` call.
 MLFLOW_BATCH_LIMIT = 1000
@@ -72,7 +77,7 @@ class MLflowSink(Sink):
     def log_alert(self, alert: Alert) -> None:
         client, run_id = self._target()
         self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
-        self.log_metrics({f"weibull/alerts/{alert.level}": self._alert_counts[alert.level]}, alert.step)
+        self.log_metrics({keys.alert_count(alert.level): self._alert_counts[alert.level]}, alert.step)
         client.set_tag(
             run_id,
             "weibull.last_alert",
@@ -93,10 +98,10 @@ class MLflowSink(Sink):
                     "layer": None if role is None else role.layer,
                     "component": None if role is None else role.component,
                     "klass": None if role is None else role.klass,
-                    "k": _json_number(fit.k),
-                    "k_stderr": _json_number(fit.k_stderr),
-                    "scale": _json_number(fit.scale),
-                    "r2": _json_number(fit.r2),
+                    "k": finite_or_none(fit.k),
+                    "k_stderr": finite_or_none(fit.k_stderr),
+                    "scale": finite_or_none(fit.scale),
+                    "r2": finite_or_none(fit.r2),
                     "n": int(fit.n),
                     "ok": bool(fit.ok),
                     "reason": fit.reason,
@@ -105,7 +110,7 @@ class MLflowSink(Sink):
         client.log_dict(
             run_id,
             {"step": int(snapshot.step), "fits": rows},
-            f"weibull/fits/step_{int(snapshot.step):08d}.json",
+            keys.fits_artifact(snapshot.step),
         )
 
     def close(self) -> None:
@@ -113,7 +118,12 @@ class MLflowSink(Sink):
         self._client = None
 
 
-def _json_number(value: float) -> float | None:
-    """JSON has no nan/inf: unknown numbers become null."""
-    number = float(value)
-    return number if math.isfinite(number) else None
+def for_trainer(context: SinkContext) -> MLflowSink | None:
+    """The sink for ``report_to=["mlflow"]``: the active MLflow run (None, with a warning, when there is none)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None:
+        logger.warning("report_to has mlflow but no MLflow run is active: Weibull metrics are not sent there")
+        return None
+    return MLflowSink(active.info.run_id)

@@ -12,20 +12,24 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from weibull_monitor.estimator import K_GAUSSIAN
+from weibull_monitor.models.expectations import TRANSMISSION_TERMINAL, expected_band
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.registry import SinkContext
+from weibull_monitor.snapshot import keys
 
 if TYPE_CHECKING:
     from weibull_monitor.alerts import Alert
-    from weibull_monitor.monitor import Snapshot
+    from weibull_monitor.snapshot import Snapshot
 
 #: Components that get a per-layer k chart (``weibull/k/L<layer>/<component>``).
 LAYERED_COMPONENTS = ("q", "k", "v", "o", "qkv", "ffn_up", "ffn_gate", "ffn_down", "ffn_gate_up")
 
-REF_K_GAUSSIAN = "weibull/ref/k_gaussian"
-REF_TRANSMISSION_LOW = "weibull/ref/transmission_band_low"
-REF_TRANSMISSION_HIGH = "weibull/ref/transmission_band_high"
-REF_SELECTION_LOW = "weibull/ref/selection_band_low"
-REF_SELECTION_HIGH = "weibull/ref/selection_band_high"
+REF_K_GAUSSIAN = keys.REF_K_GAUSSIAN
+REF_TRANSMISSION_LOW = keys.REF_TRANSMISSION_LOW
+REF_TRANSMISSION_HIGH = keys.REF_TRANSMISSION_HIGH
+REF_SELECTION_LOW = keys.REF_SELECTION_LOW
+REF_SELECTION_HIGH = keys.REF_SELECTION_HIGH
 
 # Writers that already carry the layout. Weak, so a closed writer is forgotten; ids as a fallback for writers
 # that do not accept weak references.
@@ -41,9 +45,9 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
     every layer's k (regular expressions, so layers need not be known in advance).
     """
     medians = [
-        "weibull/selection/k_median",
-        "weibull/transmission/k_median",
-        "weibull/value/k_median",
+        keys.class_metric("selection", "k_median"),
+        keys.class_metric("transmission", "k_median"),
+        keys.class_metric("value", "k_median"),
         REF_K_GAUSSIAN,
         REF_TRANSMISSION_LOW,
         REF_TRANSMISSION_HIGH,
@@ -55,19 +59,22 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
             "k median of Selection and Transmission, Gaussian anchor and bands": ["Multiline", medians],
             "Transmission k median inside its band": [
                 "Margin",
-                ["weibull/transmission/k_median", REF_TRANSMISSION_LOW, REF_TRANSMISSION_HIGH],
+                [keys.class_metric("transmission", "k_median"), REF_TRANSMISSION_LOW, REF_TRANSMISSION_HIGH],
             ],
             "Selection k median inside its expected band": [
                 "Margin",
-                ["weibull/selection/k_median", REF_SELECTION_LOW, REF_SELECTION_HIGH],
+                [keys.class_metric("selection", "k_median"), REF_SELECTION_LOW, REF_SELECTION_HIGH],
             ],
-            "k drift from the anchor": ["Multiline", [r"^weibull/\w+/k_drift$"]],
-            "scale growth (lambda / lambda_first)": ["Multiline", [r"^weibull/\w+/scale_growth$"]],
-            "T / tau": ["Multiline", ["weibull/T_over_tau"]],
-            "alerts": ["Multiline", [r"^weibull/alerts/\w+$"]],
+            "k drift from the anchor": ["Multiline", [keys.class_metric(r"^\w+", "k_drift$")]],
+            "scale growth (lambda / lambda_first)": [
+                "Multiline",
+                [keys.class_metric(r"^\w+", "scale_growth$")],
+            ],
+            "T / tau": ["Multiline", [keys.T_OVER_TAU]],
+            "alerts": ["Multiline", ["^" + keys.alert_count(r"\w+$")]],
         },
         "weibull: per-layer k": {
-            f"k per layer: {component}": ["Multiline", [rf"^weibull/k/L\d+/{component}$"]]
+            f"k per layer: {component}": ["Multiline", [rf"^{keys.MATRIX_K_PREFIX}L\d+/{component}$"]]
             for component in LAYERED_COMPONENTS
         },
     }
@@ -90,14 +97,12 @@ def register_layout(writer: Any) -> bool:
 
 
 def reference_scalars(snapshot: Snapshot) -> dict[str, float]:
-    """Reference lines for the layout at a snapshot: Gaussian k, Transmission band, expected Selection band."""
-    from weibull_monitor.expectations import TRANSMISSION_BAND, expected_band
-    from weibull_monitor.fit import K_GAUSSIAN
-
+    """Reference lines for the layout at a snapshot: Gaussian k, the paper's terminal Transmission band (the band
+    the report shades too), the expected Selection band."""
     refs = {
         REF_K_GAUSSIAN: float(K_GAUSSIAN),
-        REF_TRANSMISSION_LOW: float(TRANSMISSION_BAND[0]),
-        REF_TRANSMISSION_HIGH: float(TRANSMISSION_BAND[1]),
+        REF_TRANSMISSION_LOW: float(TRANSMISSION_TERMINAL.low),
+        REF_TRANSMISSION_HIGH: float(TRANSMISSION_TERMINAL.high),
     }
     selection = expected_band("selection", getattr(snapshot, "attention_kind", None))
     if selection is not None:
@@ -168,9 +173,9 @@ class TensorBoardSink(Sink):
             self._write_alert(writer, alert)
 
     def _write_alert(self, writer: Any, alert: Alert) -> None:
-        writer.add_scalar(f"weibull/alerts/{alert.level}", self._alert_counts[alert.level], int(alert.step))
+        writer.add_scalar(keys.alert_count(alert.level), self._alert_counts[alert.level], int(alert.step))
         writer.add_text(
-            f"weibull/alerts/{alert.rule}",
+            keys.alert_text(alert.rule),
             f"**{alert.level}** (step {alert.step}): {alert.message}",
             int(alert.step),
         )
@@ -188,3 +193,15 @@ class TensorBoardSink(Sink):
             self._writer.close()
         self._writer = None
         self._closed = True
+
+
+def for_trainer(context: SinkContext) -> TensorBoardSink | None:
+    """The sink for ``report_to=["tensorboard"]``: a writer of our own in the framework's TensorBoard directory."""
+    if context.tensorboard_dir is None:
+        return None
+    return TensorBoardSink(log_dir=context.tensorboard_dir())
+
+
+def for_logger(context: SinkContext) -> TensorBoardSink:
+    """The sink for a Lightning ``TensorBoardLogger``: its writer (kept open), the layout and reference lines."""
+    return TensorBoardSink(context.logger.experiment)

@@ -1,0 +1,63 @@
+"""The public entry points of the estimator: :func:`fit_weibull` for one tensor, :func:`fit_many` for many."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from weibull_monitor.estimator.exact import fit_exact
+from weibull_monitor.estimator.histogram import WeightHistogram, fit_tensors
+from weibull_monitor.estimator.protocol import check_method, readable_tensor
+from weibull_monitor.estimator.record import WeibullFit, failed_fit
+
+__all__ = ["fit_many", "fit_weibull"]
+
+
+def fit_weibull(tensor: torch.Tensor, *, method: str = "histogram") -> WeibullFit:
+    """Middle-80% Weibull fit of |tensor| (any shape: a matrix, a vector, or a >2-D tensor taken flattened).
+
+    Returns a WeibullFit; bad input (empty, all zero, too few finite nonzero elements, all non-finite, integer,
+    quantized, complex, meta, sparse, unreadable tensor subclass) gives ``ok=False`` with a reason and never raises.
+    NaN/Inf elements are counted in ``n_nonfinite`` and left out. Raises TypeError for a non-tensor and ValueError
+    for an unknown ``method``.
+    """
+    check_method(method)
+    t, reason = readable_tensor(tensor)
+    if t is None:
+        return failed_fit(reason or "unreadable tensor", method)
+    try:
+        with torch.no_grad():
+            if method == "exact":
+                return fit_exact(t)
+            return WeightHistogram.from_tensor(t).fit()
+    except Exception as exc:  # the fit path never takes training down
+        return failed_fit(f"fit failed: {type(exc).__name__}: {exc}", method)
+
+
+def fit_many(
+    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    method: str = "histogram",
+) -> dict[str, WeibullFit]:
+    """Fit many tensors in one call: name -> WeibullFit, in input order.
+
+    The histogram method counts in slices of ``histogram.SLICE_ROWS`` matrices and fits up to
+    ``histogram.FIT_BLOCK_ROWS`` of them after a single device-to-host transfer (``histogram.fit_tensors``).
+    TypeError when any value is not a tensor (raised before any work).
+    """
+    check_method(method)
+    items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError("fit_many expects a mapping or an iterable of (name, tensor) pairs")
+        if not isinstance(item[1], torch.Tensor):
+            raise TypeError(f"{item[0]!r}: expected a torch.Tensor, got {type(item[1]).__name__}")
+    if method == "exact":
+        return {name: fit_weibull(t, method="exact") for name, t in items}
+    tensors = [t for _, t in items]
+    try:
+        fits = fit_tensors(tensors)
+    except Exception:  # never take training down: fall back to one (never-raising) fit at a time
+        fits = [fit_weibull(t) for t in tensors]
+    return {name: fit for (name, _), fit in zip(items, fits)}

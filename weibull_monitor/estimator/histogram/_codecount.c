@@ -1,0 +1,165 @@
+/* Fused code-and-count kernel for CPU histograms (weibull_monitor.estimator.histogram.runtime).
+ *
+ * Counts the 15-bit magnitude code (word & 0x7FFF) of 16-bit words laid out as a 2-D strided view, in one read
+ * pass. The words are bf16/fp16 patterns, or the high halves of fp32 patterns (column stride 2, base + 1 word on
+ * little-endian machines), so this is the same code torch.bincount(bits & 0x7FFF) counts, without the mask pass,
+ * bincount's own min and max passes, or a code tensor the size of the chunk.
+ *
+ * Why not torch: torch.bincount counts one element at a time after two extra passes (~0.65 ns per element per
+ * core here); this loop is ~0.3 ns, below one vector_norm(p, 1) read pass (~0.85 ns).
+ *
+ * The counting runs without the GIL (callers spread chunks across a thread pool). Each thread counts into its own
+ * uint32 scratch row; the scratch is then added to the shared int64 output row with the GIL held, which
+ * serialises the additions of threads that count chunks of the same matrix, and zeroed for the next call.
+ * Only the span of codes seen is drained, so small tensors do not pay for 32768 bins.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define N_BINS 32768
+#define CODE_MASK 0x7FFF
+
+/* Elements ahead to prefetch along a row: measured on a 2-core EPYC, 134M fp32 elements from DRAM on two threads,
+ * 29.4 ms without, 21.2 ms at 1024 (256: 24.4, 4096: 23.5); bf16 gains less (22.0 -> 20.2: it is bound by the
+ * increments, not the reads). Prefetches never fault, so running past the end of a row is harmless. */
+#define PREFETCH_AHEAD 1024
+#define PREFETCH_MAX_STRIDE 16 /* beyond this every element is its own cache line: leave it to the hardware */
+#if defined(__GNUC__) || defined(__clang__)
+/* integer arithmetic: the address may lie past the end of the row, which a pointer must not */
+#define PREFETCH(p, ahead) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(ahead) * 2u), 0, 0)
+#else
+#define PREFETCH(p, ahead) ((void)0)
+#endif
+
+static void count_rows(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t row_stride,
+                       Py_ssize_t col_stride, uint32_t *scratch) {
+    const Py_ssize_t s = col_stride;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint16_t *p = base + r * row_stride;
+        Py_ssize_t c = 0;
+        if (s <= PREFETCH_MAX_STRIDE) {
+            /* Unrolled by eight: independent increments keep the load and store ports busy. */
+            for (; c + 8 <= cols; c += 8, p += 8 * s) {
+                PREFETCH(p, PREFETCH_AHEAD * s);
+                scratch[p[0] & CODE_MASK]++;
+                scratch[p[s] & CODE_MASK]++;
+                scratch[p[2 * s] & CODE_MASK]++;
+                scratch[p[3 * s] & CODE_MASK]++;
+                scratch[p[4 * s] & CODE_MASK]++;
+                scratch[p[5 * s] & CODE_MASK]++;
+                scratch[p[6 * s] & CODE_MASK]++;
+                scratch[p[7 * s] & CODE_MASK]++;
+            }
+        } else {
+            for (; c + 4 <= cols; c += 4, p += 4 * s) {
+                scratch[p[0] & CODE_MASK]++;
+                scratch[p[s] & CODE_MASK]++;
+                scratch[p[2 * s] & CODE_MASK]++;
+                scratch[p[3 * s] & CODE_MASK]++;
+            }
+        }
+        for (; c < cols; c++, p += s) {
+            scratch[p[0] & CODE_MASK]++;
+        }
+    }
+}
+
+/* Small inputs: count and track the span of codes >= 1 as we go, so the drain need not scan 32768 bins (which
+ * costs more than counting a 64x64 matrix). */
+#define TRACKED_MAX_ELEMENTS 65536
+
+static void count_rows_tracked(const uint16_t *base, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t row_stride,
+                               Py_ssize_t col_stride, uint32_t *scratch, Py_ssize_t *lo_out,
+                               Py_ssize_t *hi_out) {
+    unsigned lo = N_BINS, hi = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint16_t *p = base + r * row_stride;
+        for (Py_ssize_t c = 0; c < cols; c++, p += col_stride) {
+            unsigned code = p[0] & CODE_MASK;
+            scratch[code]++;
+            if (code) {
+                lo = code < lo ? code : lo;
+                hi = code > hi ? code : hi;
+            }
+        }
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+/* Adds scratch[0] and scratch[lo..hi] to out and zeroes them (the caller knows nothing else was counted). */
+static void drain_range(uint32_t *scratch, int64_t *out, Py_ssize_t lo, Py_ssize_t hi) {
+    out[0] += scratch[0];
+    scratch[0] = 0;
+    for (Py_ssize_t k = lo; k <= hi; k++) {
+        out[k] += scratch[k];
+        scratch[k] = 0;
+    }
+}
+
+/* Adds the codes seen to out and zeroes them in scratch; returns in *lo..*hi the span of the codes >= 1 seen
+ * (lo = N_BINS if none). Code 0 (|w| == 0) is left out of the span: exact zeros are common (pruned or padded
+ * weights, an exact 0.0 from the Gaussian sampler) and would stretch the span the fit reads down to code 1. */
+static void drain(uint32_t *scratch, int64_t *out, Py_ssize_t *lo_out, Py_ssize_t *hi_out) {
+    Py_ssize_t lo = 1, hi = N_BINS - 1;
+    out[0] += scratch[0];
+    scratch[0] = 0;
+    while (lo < N_BINS && scratch[lo] == 0) lo++;
+    while (hi > lo && scratch[hi] == 0) hi--;
+    for (Py_ssize_t k = lo; k <= hi && lo < N_BINS; k++) {
+        out[k] += scratch[k];
+        scratch[k] = 0;
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+PyDoc_STRVAR(count_codes_doc,
+             "count_codes(words, rows, cols, row_stride, col_stride, scratch, out)\n\n"
+             "Add the counts of (word & 0x7FFF) over words[r * row_stride + c * col_stride] (uint16 addresses and\n"
+             "strides in words) to out (int64[32768] address). scratch: a zeroed uint32[32768] address owned by the\n"
+             "calling thread, left zeroed. rows * cols must stay below 2**32. The caller checks every argument.\n"
+             "Returns (first, last) code >= 1 counted, or None when there was none.");
+
+static PyObject *count_codes(PyObject *self, PyObject *args) {
+    unsigned long long words, scratch_addr, out_addr;
+    Py_ssize_t rows, cols, row_stride, col_stride;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnKK", &words, &rows, &cols, &row_stride, &col_stride, &scratch_addr,
+                          &out_addr)) {
+        return NULL;
+    }
+    if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (double)rows * (double)cols >= 4294967296.0)) {
+        PyErr_SetString(PyExc_ValueError, "count_codes: rows * cols must be in [0, 2**32)");
+        return NULL;
+    }
+    uint32_t *scratch = (uint32_t *)(uintptr_t)scratch_addr;
+    int64_t *out = (int64_t *)(uintptr_t)out_addr;
+    const uint16_t *base = (const uint16_t *)(uintptr_t)words;
+    Py_ssize_t lo, hi;
+    if ((double)rows * (double)cols <= TRACKED_MAX_ELEMENTS) {
+        count_rows_tracked(base, rows, cols, row_stride, col_stride, scratch, &lo, &hi);
+        drain_range(scratch, out, lo, hi);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        count_rows(base, rows, cols, row_stride, col_stride, scratch);
+        Py_END_ALLOW_THREADS
+        drain(scratch, out, &lo, &hi);
+    }
+    if (lo >= N_BINS) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(nn)", lo, hi);
+}
+
+static PyMethodDef methods[] = {
+    {"count_codes", count_codes, METH_VARARGS, count_codes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_codecount", "Fused code-and-count kernel for CPU weight histograms.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__codecount(void) { return PyModule_Create(&module); }

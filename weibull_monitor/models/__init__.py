@@ -1,0 +1,37 @@
+"""The model side: what each weight matrix is (roles), how fused parameters split (layouts), how attention stores Q
+and K, and what the paper measured for each class (expectations).
+
+Pipeline inside: ``components`` (the vocabulary: components, classes, Role) -> ``config`` (reading any config) ->
+``naming`` (rules as data) -> ``roles`` (classify, model_roles) -> ``layouts`` (the fused-layout registry,
+split_fused) and ``attention`` (attention kind); ``expectations`` holds the paper's reference bands. docs/roles.md.
+"""
+
+from weibull_monitor.models.attention import attention_kind, selection_expectation_for
+from weibull_monitor.models.components import COMPONENTS, KLASS_OF_COMPONENT, Role, split_key, view_role
+from weibull_monitor.models.layouts import (
+    FusedLayout,
+    LayoutQuery,
+    register_layout,
+    registered_layouts,
+    split_fused,
+)
+from weibull_monitor.models.roles import UnknownWeightsWarning, classify, fused_components, model_roles
+
+__all__ = [
+    "COMPONENTS",
+    "KLASS_OF_COMPONENT",
+    "FusedLayout",
+    "LayoutQuery",
+    "Role",
+    "UnknownWeightsWarning",
+    "attention_kind",
+    "classify",
+    "fused_components",
+    "model_roles",
+    "register_layout",
+    "registered_layouts",
+    "selection_expectation_for",
+    "split_fused",
+    "split_key",
+    "view_role",
+]

@@ -1,0 +1,422 @@
+"""WeibullMonitor: the one object that ties fits, roles, dynamics, alerts, store and sinks together for any
+training loop (plain PyTorch, HF Trainer and Lightning callbacks drive it the same way).
+
+Usage::
+
+    monitor = WeibullMonitor(model, optimizer, every=100, store="runs/weibull.sqlite", sinks=[LoggingSink()])
+    for step in range(1, n_steps + 1):
+        ...; optimizer.step(); scheduler.step()
+        monitor.observe(step)          # step = optimizer updates done so far
+        if monitor.stop_requested: break
+    monitor.close()
+
+Step semantics: ``observe(step)`` takes the number of optimizer updates applied so far. It snapshots when
+``step % every == 0``, including step 0 (call ``observe(0)`` before training to record the initial weights, the
+reference of scale growth). A step seen before is ignored, so calling it per micro-batch is harmless.
+
+T/τ: when the optimizer is a ``torch.optim.Optimizer`` (wrappers such as accelerate's or Lightning's are
+unwrapped), a step pre-hook adds η·λ_wd of every parameter group at each real update: exact whatever the order of
+``scheduler.step()`` and ``observe``, and updates skipped by a gradient scaler do not count. Otherwise ``observe``
+counts the updates since its previous call (``step - previous_step``) at the learning rate it reads then; steps
+skipped between calls are counted at that current rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weibull_monitor._version import __version__
+from weibull_monitor.alerts import LOGGING_LEVELS, Alert, AlertEngine, Rule, default_rules
+from weibull_monitor.distributed import agree, fit_matrices
+from weibull_monitor.estimator.protocol import check_method
+from weibull_monitor.models import attention_kind, model_roles
+from weibull_monitor.models.expectations import selection_expectation
+from weibull_monitor.monitor.filters import NameFilter, name_filter
+from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
+from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.guard import GuardedSink
+from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
+from weibull_monitor.snapshot.budget import TimescaleBudget
+from weibull_monitor.store import RunStore, StoreError, StoreWriter
+
+__all__ = ["WeibullMonitor"]
+
+logger = logging.getLogger("weibull_monitor")
+
+_STATE_VERSION = 1
+
+
+def check_every(every: object) -> None:
+    """ValueError unless ``every`` is a positive whole number of optimizer steps."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive number of optimizer steps, got {every!r}")
+
+
+class WeibullMonitor:
+    """Periodic Weibull snapshots of every weight matrix of ``model``, with dynamics, alerts, store and sinks.
+
+    Args:
+        model: the module whose weights are watched (unwrapped: not the DDP/FSDP wrapper's names).
+        optimizer: its optimizer (for η, λ_wd and T/τ); None leaves those figures missing.
+        every: snapshot every this many optimizer steps (>= 1).
+        store: SQLite path, an open :class:`RunStore`, or None for no store.
+        sinks: where metrics and alerts go; each is wrapped in a :class:`GuardedSink`.
+        rules: alert rules (None: the built-in :func:`weibull_monitor.alerts.default_rules`; [] for none).
+        include / exclude: parameter names to watch / skip (glob patterns, a regex or a callable).
+        method: ``"histogram"`` (fast, default) or ``"exact"`` (full sort).
+        run_name: the run in the store; reusing a name resumes that run (its state is restored from the store).
+        on_alert: called with every fired :class:`Alert` (exceptions are reported once, never raised).
+        stop_on_critical: set :attr:`stop_requested` when a critical alert fires (agreed across ranks).
+        overrides: role-map overrides (regex -> component).
+        writer: False computes (and joins collectives) but writes nothing: no store, sinks, logs or callback.
+        sink_timeout: seconds a sink call may run before it is reported as hanging.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        *,
+        every: int = 100,
+        store: str | RunStore | None = "weibull.sqlite",
+        sinks: Sequence[Sink] = (),
+        rules: Sequence[Rule] | None = None,
+        include: NameFilter = None,
+        exclude: NameFilter = None,
+        method: str = "histogram",
+        run_name: str | None = None,
+        on_alert: Callable[[Alert], Any] | None = None,
+        stop_on_critical: bool = False,
+        overrides: Any = None,
+        writer: bool = True,
+        sink_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_every(every)
+        check_method(method)
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError("on_alert must be callable")
+        self.model = model
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        if self.optimizer is not None and not hasattr(self.optimizer, "param_groups"):
+            raise TypeError(f"optimizer has no param_groups: {type(optimizer).__name__}")
+        self.every = every
+        self.method = method
+        self.include = name_filter(include, "include")
+        self.exclude = name_filter(exclude, "exclude")
+        self.overrides = overrides
+        self.writer = bool(writer)
+        self.on_alert = on_alert
+        self.stop_on_critical = bool(stop_on_critical)
+        self.stop_requested = False
+        self.sink_timeout = float(sink_timeout)
+        self.engine = AlertEngine(default_rules() if rules is None else list(rules))
+        self.builder = SnapshotBuilder()
+        self.last_snapshot: Snapshot | None = None
+        self.run_name = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self._explicit_run_name = run_name is not None
+        self._last_seen_step: int | None = None
+        self._last_snapshot_step: int | None = None
+        self._roles: dict[str, Any] | None = None
+        self._attention_kind: str | None = None
+        self._expectation: str | None = None
+        self._sinks: list[GuardedSink] = []
+        self._reported: set[str] = set()
+        self._closed = False
+        self._hook = None
+        if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
+            try:
+                self._hook = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
+            except Exception:  # an optimizer-like object without working hooks: count in observe instead
+                self._hook = None
+        for sink in sinks:
+            self.add_sink(sink)
+        self._store: RunStore | None = None
+        self._store_path = None
+        self._run_id: int | None = None
+        self._store_writer: StoreWriter | None = None
+        if self.writer and store is not None:
+            if isinstance(store, RunStore):
+                self._store = store
+            else:
+                self._store_path = store
+            self._store_writer = StoreWriter(self._store_target)
+            self._restore_from_store()
+
+    # ------------------------------------------------------------------------------------------ stepping
+
+    @property
+    def budget(self) -> TimescaleBudget:
+        """T/τ per optimizer group, accumulated since the run began."""
+        return self.builder.budget
+
+    @property
+    def scale_first(self) -> dict[str, float]:
+        """λ at each matrix's first ok fit: the reference of scale growth."""
+        return self.builder.scale_first
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.budget.record(group_rates(optimizer))
+
+    def observe(self, step: int) -> Snapshot | None:
+        """Call once per optimizer step with the number of updates done so far. Returns the snapshot when
+        ``step % every == 0`` (and it was not taken yet), else None. Never raises for a failing snapshot: the
+        failure is logged once and training goes on."""
+        step = int(step)
+        previous = self._last_seen_step
+        if previous is not None and step == previous:
+            return None
+        if self._hook is None and self.optimizer is not None:
+            updates = step if previous is None else step - previous
+            if updates > 0:
+                self.budget.record(group_rates(self.optimizer), updates)
+        if previous is not None and step < previous:
+            logger.info("weibull-monitor: step went back from %d to %d (resumed run?)", previous, step)
+        self._last_seen_step = step
+        if step % self.every != 0 or step == self._last_snapshot_step:
+            return None
+        try:
+            return self.snapshot(step)
+        except Exception as error:
+            self._report_once(
+                "snapshot", f"weibull-monitor: snapshot at step {step} failed: {error!r}", exc=error
+            )
+            return None
+
+    @property
+    def roles(self) -> dict[str, Any]:
+        """Roles of the watched parameters (after include/exclude), computed on first use."""
+        if self._roles is None:
+            roles = model_roles(self.model, overrides=self.overrides)
+            self._roles = {
+                name: role
+                for name, role in roles.items()
+                if (self.include is None or self.include(name))
+                and (self.exclude is None or not self.exclude(name))
+            }
+            try:
+                self._attention_kind = attention_kind(self.model)
+            except Exception:
+                self._attention_kind = None
+            self._expectation = selection_expectation(self._attention_kind)
+        return self._roles
+
+    def snapshot(self, step: int) -> Snapshot:
+        """Take a snapshot now (whatever ``every`` says): fits, dynamics, alerts; then store and sinks."""
+        started = time.perf_counter()
+        step = int(step)
+        roles = self.roles
+        skipped: dict[str, str] = {}
+        config = getattr(self.model, "config", None)
+        entries = collect_entries(self.model, roles, config, skipped=skipped)
+        # a collective under torch.distributed: every rank calls it at every due snapshot
+        fits = fit_matrices([e.key for e in entries], [e.matrix for e in entries], self.method)
+        for key, fit in fits.items():
+            if not fit.ok and key not in skipped and fit.reason:
+                skipped[key] = fit.reason
+        snapshot = self.builder.build(
+            step,
+            entries,
+            fits,
+            skipped=skipped,
+            group_of_param=group_of_params(
+                self.optimizer, dict(self.model.named_parameters(remove_duplicate=False))
+            ),
+            rates=group_rates(self.optimizer) if self.optimizer is not None else (),
+            attention_kind=self._attention_kind,
+            expectation=self._expectation,
+        )
+        snapshot.alerts = self.engine(snapshot)
+        critical = any(alert.level == "critical" for alert in snapshot.alerts)
+        # every rank calls agree() at every snapshot (not only when critical), or the collective would hang
+        if self.stop_on_critical and agree(critical):
+            self.stop_requested = True
+        self._last_snapshot_step = step
+        self.last_snapshot = snapshot
+        snapshot.duration_s = time.perf_counter() - started
+        if self.writer:
+            self._emit(snapshot)
+        return snapshot
+
+    # ------------------------------------------------------------------------------------------ outputs
+
+    def _report_once(self, topic: str, message: str, exc: BaseException | None = None) -> None:
+        if topic in self._reported:
+            return
+        self._reported.add(topic)
+        logger.warning("%s (reported once)", message, exc_info=exc)
+
+    def _emit(self, snapshot: Snapshot) -> None:
+        if self._store_writer is not None:
+            self._store_writer.write(snapshot, self.state_dict())
+        for alert in snapshot.alerts:
+            logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
+        for sink in self._sinks:
+            sink.log_metrics(dict(snapshot.aggregates), snapshot.step)  # a copy each: sinks may edit theirs
+            for alert in snapshot.alerts:
+                sink.log_alert(alert)
+            sink.log_snapshot(snapshot)
+        if self.on_alert is not None:
+            for alert in snapshot.alerts:
+                try:
+                    self.on_alert(alert)
+                except Exception as error:
+                    self._report_once(
+                        "on_alert", f"weibull-monitor: on_alert callback raised {error!r}", exc=error
+                    )
+
+    def add_sink(self, sink: Sink) -> None:
+        """Send every later snapshot and alert to ``sink`` too (guarded: it can never stop training)."""
+        self._sinks.append(
+            sink if isinstance(sink, GuardedSink) else GuardedSink(sink, timeout=self.sink_timeout)
+        )
+
+    @property
+    def sinks(self) -> list[GuardedSink]:
+        return list(self._sinks)
+
+    @property
+    def store(self) -> RunStore | None:
+        """The open run store (None when disabled or not opened yet)."""
+        return self._store
+
+    @property
+    def run_id(self) -> int | None:
+        return self._run_id
+
+    def _open_store(self) -> RunStore:
+        if self._store is None:
+            self._store = RunStore(self._store_path)
+        return self._store
+
+    def _store_target(self) -> tuple[RunStore, int]:
+        store = self._open_store()
+        if self._run_id is None:
+            self._run_id = store.open_run(self.run_name, self._run_meta())
+        return store, self._run_id
+
+    def _restore_from_store(self) -> None:
+        """A run name that already has state in the store resumes it (λ_first, T/τ, alert counters)."""
+        if not self._explicit_run_name:
+            return
+        try:
+            store = self._open_store()
+            run_id = store.run_id(self.run_name)
+            state = store.load_state(run_id) if run_id is not None else None
+        except StoreError:  # a store this version cannot use (a newer schema): the user must act
+            raise
+        except Exception as error:  # an unreadable store must not stop training: writes retry later
+            self._report_once(
+                "store-open", f"weibull-monitor: cannot read the store yet: {error!r}", exc=error
+            )
+            return
+        if state:
+            self.load_state_dict(state)
+            logger.info(
+                "weibull-monitor: resumed run %r from the store (last snapshot %s)",
+                self.run_name,
+                state.get("last_snapshot_step"),
+            )
+
+    def _run_meta(self) -> dict[str, Any]:
+        config = getattr(self.model, "config", None)
+        try:
+            config_dict = config.to_dict() if hasattr(config, "to_dict") else None
+        except Exception:
+            config_dict = None
+        optimizer = None
+        if self.optimizer is not None:
+            optimizer = {
+                "class": type(self.optimizer).__name__,
+                "groups": [
+                    {**{k: v for k, v in group.items() if k != "params"}, "n_params": len(group["params"])}
+                    for group in self.optimizer.param_groups
+                ],
+            }
+        _ = self.roles  # attention kind and expectation
+        return {
+            "package_version": __version__,
+            "model_summary": {
+                "class": type(self.model).__name__,
+                "n_parameters": sum(p.numel() for p in self.model.parameters()),
+                "n_matrices": len(self.roles),
+                "config": config_dict,
+            },
+            "optimizer": optimizer,
+            "attention_kind": self._attention_kind,
+            "expectation": self._expectation,
+            "every": self.every,
+            "method": self.method,
+        }
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the sinks to drain and retry a pending store write. True if everything went out."""
+        done = self._store_writer.retry() if self._store_writer is not None else True
+        for sink in self._sinks:
+            done = sink.flush(timeout) and done
+        return done
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (JSON-friendly): run name, T/τ sums, λ_first, alert counters."""
+        return {
+            "version": _STATE_VERSION,
+            "run_name": self.run_name,
+            "every": self.every,
+            "last_seen_step": self._last_seen_step,
+            "last_snapshot_step": self._last_snapshot_step,
+            **self.builder.state_dict(),
+            "alerts": self.engine.state_dict(),
+            "stop_requested": self.stop_requested,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (from a checkpoint or the store): the run continues, same name."""
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"not a WeibullMonitor state of version {_STATE_VERSION}")
+        if state["run_name"] != self.run_name:
+            self.run_name = str(state["run_name"])
+            self._run_id = None
+        self._last_seen_step = state.get("last_seen_step")
+        self._last_snapshot_step = state.get("last_snapshot_step")
+        self.builder.load_state_dict(state)
+        self.engine.load_state_dict(state["alerts"])
+        self.stop_requested = bool(state.get("stop_requested", False))
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Flush and close every sink, write what the store still owes, close it, remove the optimizer hook."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for sink in self._sinks:
+            sink.close()
+        if self._store_writer is not None:
+            self._store_writer.retry()
+            if self._store_writer.pending:
+                logger.warning(
+                    "weibull-monitor: %d snapshot(s) could not be written to the store",
+                    len(self._store_writer.pending),
+                )
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+
+    def __enter__(self) -> WeibullMonitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

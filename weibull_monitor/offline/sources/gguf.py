@@ -1,0 +1,134 @@
+"""GGUF files (the optional ``gguf`` package): quantised tensors dequantised one at a time; names translated to
+Hugging Face (LLaMA-layout) names so the role map knows them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weibull_monitor.offline.memory import drop_pages
+from weibull_monitor.offline.sources.base import (
+    CheckpointFormat,
+    LoaderError,
+    Source,
+    TensorInfo,
+    register_format,
+)
+
+__all__ = ["GGUFSource", "gguf_to_hf_name"]
+
+
+# GGUF tensor names -> Hugging Face (LLaMA-style) names, so the role map sees names it knows.
+_GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output.weight": "lm_head.weight",
+    "output_norm.weight": "model.norm.weight",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """The Hugging Face (LLaMA-layout) name of a GGUF tensor name, or the name unchanged when unknown."""
+    if name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[name]
+    match = _GGUF_BLOCK.match(name)
+    if match and match.group(2) in _GGUF_BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_GGUF_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+    return name
+
+
+class GGUFSource(Source):
+    """A GGUF file (``pip install gguf``): quantised tensors dequantised one at a time with ``gguf.quants``."""
+
+    def __init__(self, path: Path):
+        try:
+            import gguf
+        except ImportError as exc:
+            raise LoaderError(
+                f"{path}: reading GGUF needs the optional package: pip install 'weibull-monitor[gguf]'"
+            ) from exc
+        self.path = path
+        self._gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(str(path), "r")
+        except (ValueError, OSError, KeyError) as exc:
+            raise LoaderError(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.config = self._config()
+
+    def _field(self, key: str) -> Any:
+        entry = self.reader.fields.get(key)
+        if entry is None:
+            return None
+        try:
+            return entry.contents()
+        except (AttributeError, IndexError, ValueError):  # pragma: no cover - older gguf
+            return None
+
+    def _config(self) -> dict[str, Any]:
+        arch = self._field("general.architecture") or "llama"
+        config: dict[str, Any] = {"model_type": arch, "source_format": "gguf"}
+        for gguf_key, hf_key in (
+            ("attention.head_count", "num_attention_heads"),
+            ("attention.head_count_kv", "num_key_value_heads"),
+            ("embedding_length", "hidden_size"),
+            ("block_count", "num_hidden_layers"),
+            ("feed_forward_length", "intermediate_size"),
+        ):
+            value = self._field(f"{arch}.{gguf_key}")
+            if isinstance(value, int):
+                config[hf_key] = value
+        return config
+
+    def infos(self) -> list[TensorInfo]:
+        out = []
+        for tensor in self.reader.tensors:
+            shape = tuple(
+                int(d) for d in reversed(tensor.shape.tolist())
+            )  # GGUF stores the fastest axis first
+            qtype = self._gguf.GGMLQuantizationType(tensor.tensor_type)
+            dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(qtype.name)
+            if dtype is None:
+                dtype = "float32" if qtype.name not in ("I8", "I16", "I32", "I64") else qtype.name.lower()
+            out.append(TensorInfo(tensor.name, shape, dtype, gguf_to_hf_name(tensor.name), None))
+        return out
+
+    def tensors(self, names: set[str] | None) -> Iterator[tuple[TensorInfo, torch.Tensor | None]]:
+        import numpy as np
+
+        for info, tensor in zip(self.infos(), self.reader.tensors):
+            if names is not None and info.name not in names:
+                continue
+            try:
+                values = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            except (NotImplementedError, ValueError, KeyError) as exc:
+                skipped = TensorInfo(
+                    info.name, info.shape, info.dtype, info.role_name, f"cannot dequantise: {exc}"
+                )
+                yield skipped, None
+                continue
+            array = np.ascontiguousarray(values).reshape(info.shape)
+            if not array.flags.writeable:  # unquantised tensors come back as read-only views of the file map
+                array = array.copy()
+            yield info, torch.from_numpy(array)
+            del values, array
+            data = tensor.data
+            drop_pages(data.ctypes.data, data.nbytes)
+
+
+register_format(CheckpointFormat("gguf", (".gguf",), GGUFSource))

@@ -1,0 +1,85 @@
+"""One snapshot builder for every caller: the training monitor and the offline scan turn fits into a
+:class:`~weibull_monitor.snapshot.record.Snapshot` the same way, so they report the same class medians on the
+same weights.
+
+The builder keeps what a run's later snapshots are measured against: λ at each matrix's first ok fit (scale growth)
+and the T/τ budget of each optimizer group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from weibull_monitor.estimator import K_GAUSSIAN, WeibullFit
+from weibull_monitor.snapshot import dynamics
+from weibull_monitor.snapshot.budget import TimescaleBudget
+from weibull_monitor.snapshot.record import MatrixEntry, Snapshot
+
+__all__ = ["SnapshotBuilder"]
+
+
+class SnapshotBuilder:
+    """Fits of one step -> a Snapshot with per-matrix dynamics and the dashboard aggregates."""
+
+    def __init__(self) -> None:
+        self.scale_first: dict[str, float] = {}
+        self.budget = TimescaleBudget()
+
+    def build(
+        self,
+        step: int,
+        entries: Sequence[MatrixEntry],
+        fits: Mapping[str, WeibullFit],
+        *,
+        skipped: Mapping[str, str] | None = None,
+        group_of_param: Mapping[str, int | None] | None = None,
+        rates: Sequence[tuple[Any, Any]] = (),
+        attention_kind: str | None = None,
+        expectation: str | None = None,
+    ) -> Snapshot:
+        """The snapshot of ``fits`` (keyed like ``entries``) at ``step``.
+
+        ``group_of_param``: parameter name -> index of the optimizer group holding it (None or absent: not
+        optimised); ``rates``: every group's current (η, λ_wd). Without them (a checkpoint scan) η, λ_wd and T/τ
+        are undefined.
+        """
+        group_of_param = group_of_param or {}
+        group_of = {e.key: group_of_param.get(e.param_name) for e in entries}
+        roles = {e.key: e.role for e in entries if e.key in fits}
+        for key, fit in fits.items():
+            if fit.ok and key not in self.scale_first:
+                self.scale_first[key] = float(fit.scale)
+        fused_parents = {e.param_name for e in entries if e.component is not None}
+        matrices = dynamics.matrix_stats(
+            fits,
+            roles,
+            k_anchor=K_GAUSSIAN,
+            scale_first=self.scale_first,
+            group_of=group_of,
+            current_rates=list(rates),
+            budget=self.budget,
+            aggregate_excluded=fused_parents,
+        )
+        # sharded matrices hold a local slice: each matrix is weighed by its full size
+        sizes = {e.key: e.matrix.numel for e in entries if e.component is None}
+        t_over_tau = dynamics.representative_budget(sizes, group_of, self.budget)
+        return Snapshot(
+            step=int(step),
+            fits=dict(fits),
+            roles=roles,
+            aggregates=dynamics.aggregates(fits, roles, matrices, k_anchor=K_GAUSSIAN, T_over_tau=t_over_tau),
+            attention_kind=attention_kind,
+            T_over_tau=t_over_tau,
+            expectation=expectation,
+            matrices=matrices,
+            skipped=dict(skipped or {}),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What later snapshots of the run are measured against, as plain JSON data."""
+        return {"scale_first": dict(self.scale_first), "budget": self.budget.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scale_first = {str(k): float(v) for k, v in state["scale_first"].items()}
+        self.budget.load_state_dict(state["budget"])
