@@ -16,7 +16,7 @@ import pytest
 from weibull_monitor.demos import study
 from weibull_monitor.store import RunStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "scaling_study.py"
 
 

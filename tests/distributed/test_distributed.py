@@ -1,6 +1,6 @@
 """Shard-aware snapshots on real torch.distributed gloo processes (2 CPU ranks).
 
-Start-up dominates, so each spawned job runs several checks (tests/dist_scripts/*.py) and writes JSON that the
+Start-up dominates, so each spawned job runs several checks (tests/distributed/dist_scripts/*.py) and writes JSON that the
 tests below read. Every job has a hard timeout: a hung collective fails the test instead of blocking CI.
 """
 

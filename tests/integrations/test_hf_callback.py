@@ -257,7 +257,7 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
 
     out = tmp_path / "example"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hf_trainer.py"))
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "hf_trainer.py"))
     last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
     (run_dir,) = glob.glob(str(out / "runs" / "*"))

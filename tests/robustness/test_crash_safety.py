@@ -1,7 +1,7 @@
 """Crash safety (issue 9): a training run SIGKILLed 20 times at random moments while it writes snapshots, and
 restarted each time from its last checkpoint, leaves a store identical to that of an uninterrupted run.
 
-The campaign runs in tests/fault_scripts/crash_campaign.py (forked lives of one training run; see its docstring
+The campaign runs in tests/robustness/fault_scripts/crash_campaign.py (forked lives of one training run; see its docstring
 for the three ways a life is killed). Here: after every kill, the store as the kill left it is complete (every
 committed snapshot has all its fits and aggregates, nothing of an uncommitted one is visible, SQLite's integrity
 check passes); at the end the store holds every step once, the same fits and the same alerts (so the alert

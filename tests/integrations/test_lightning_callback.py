@@ -204,7 +204,7 @@ def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path)
     from wandb_files import read_run_history, wait_for_run_file
 
     out = tmp_path / "example"
-    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_fit.py"))
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "lightning_fit.py"))
     last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
     assert [e.step for e in _events(str(out / "tb" / "version_0")).Scalars("weibull/selection/k_median")] == [
