@@ -144,7 +144,7 @@ def aggregates(
     k_anchor: float,
     T_over_tau: float | None = None,
 ) -> dict[str, float]:
-    """The dashboard metrics of one snapshot (names of docs/contracts.md); undefined ones are absent.
+    """The dashboard metrics of one snapshot (names: docs/monitor.md); undefined ones are absent.
 
     Per class (medians over the class's matrices, each weight element counted once): ``k_median``, ``k_drift``
     (k_median − K_GAUSSIAN), ``k_drift_z`` (k_drift over the standard error of the median), ``scale_median``,
