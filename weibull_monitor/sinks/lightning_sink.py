@@ -6,9 +6,11 @@ heatmap; a ``TensorBoardLogger`` gets the custom-scalars layout and its referenc
 here: loggers are recognised by duck typing, so this module loads without it.
 
 Rewinds: a ``TensorBoardLogger``'s points are hidden by the TensorBoard sink's purge event; a W&B logger's run
-follows the W&B sink; any other logger that already holds the abandoned timeline's points (a ``CSVLogger`` or
-``MLFlowLogger`` resumed into the same version or run, or a rollback inside one process) gets the resumed steps
-after the last abandoned one only. A new logger version, Lightning's default on ``fit(ckpt_path=...)``, needs nothing.
+follows the W&B sink; any other logger that already holds the abandoned timeline's points (an ``MLFlowLogger``
+resumed into the same run, or any logger in a rollback inside one process) gets the resumed steps after the last
+abandoned one only. A new logger version, Lightning's default on ``fit(ckpt_path=...)``, needs nothing, and neither
+does a ``CSVLogger`` pinned to an old version: Lightning deletes that version's ``metrics.csv`` when a new fit opens
+it, so the file holds the resumed fit only.
 """
 
 from __future__ import annotations
@@ -133,7 +135,9 @@ class LightningLoggerSink(Sink):
             if self.purges or getattr(rich, "hold", None) is self.hold:
                 return
         if not self.purges:
-            self.hold.rewind(step, superseded, self.location())
+            # a new CSVLogger starts its metrics.csv afresh: only what this logger itself sent can be there
+            fresh_file = "CSVLogger" in {cls.__name__ for cls in type(self.logger).__mro__}
+            self.hold.rewind(step, () if fresh_file else superseded, self.location())
 
     def close(self) -> None:
         # The logger belongs to the Trainer; only our own helper is let go (it never closes a shared writer).
