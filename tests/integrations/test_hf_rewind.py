@@ -7,6 +7,7 @@ holds each step once; the alert counters and T/τ at step 20 are those of the ch
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -166,3 +167,63 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
     (note,) = read_run_config(directories[1])["weibull_rewinds"]
     assert note["step"] == 20 and note["superseded_steps"] == [25, 30] and note["superseded_runs"] == [runs[0]]
     assert "weibull_rewinds" not in read_run_config(directories[0])
+
+
+def small_trainer(output: Path, callbacks: list, max_steps: int, save_steps: int = 500) -> Trainer:
+    from weibull_monitor.demos.toy import tiny_llama
+
+    args = TrainingArguments(
+        output_dir=str(output),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=WD,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=save_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    data = ByteWindowDataset(n_samples=4 * max_steps, seq_len=32)
+    return Trainer(model=tiny_llama(0), args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_hf_resume_from_a_checkpoint_without_monitor_state(tmp_path, caplog):
+    """The first training ran without the callback: the resumed one starts a run at step 10, and says so."""
+    output = tmp_path / "out"
+    small_trainer(output, [], 20, save_steps=10).train()
+    with caplog.at_level(logging.WARNING):
+        small_trainer(output, [WeibullCallback(every=EVERY)], 20).train(
+            resume_from_checkpoint=str(output / "checkpoint-10")
+        )
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "holds no weibull-monitor state" in messages
+    assert "no monitor state for step 10: scale growth is measured from the next snapshot" in messages
+    with RunStore(output / "weibull.sqlite") as store:
+        (run,) = store.runs()
+        snapshots = store.snapshots(run["run_id"])
+    assert [s["step"] for s in snapshots] == [15, 20]
+    assert snapshots[0]["T_over_tau"] == pytest.approx(5 * 1e-3 * WD, rel=1e-9)  # counted from step 10
+
+
+def test_hf_new_training_in_an_old_output_dir(tmp_path, caplog):
+    """No resume: a new run beside the old one (default run_name), or, under the old run's name, a restart that
+    keeps the old timeline as a superseded branch. Both say so."""
+    output = tmp_path / "out"
+    small_trainer(output, [WeibullCallback(every=EVERY, run_name="exp")], 10).train()
+    with caplog.at_level(logging.INFO, logger="weibull_monitor"):
+        small_trainer(output, [WeibullCallback(every=EVERY)], 10).train()
+    assert any("already holds 1 other run(s) (last: 'exp')" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="weibull_monitor"):
+        small_trainer(output, [WeibullCallback(every=EVERY, run_name="exp")], 5).train()
+    assert any("'exp' restarted at step -1" in r.getMessage() for r in caplog.records)
+    with RunStore(output / "weibull.sqlite") as store:
+        runs = {r["name"]: r["run_id"] for r in store.runs()}
+        assert len(runs) == 2
+        assert store.steps(runs["exp"]) == [0, 5] and store.steps(runs["exp"], branch=0) == [0, 5, 10]
+        (other,) = [run for name, run in runs.items() if name != "exp"]
+        assert store.steps(other) == [0, 5, 10]

@@ -165,3 +165,25 @@ def test_lightning_rewind_to_an_earlier_checkpoint(tmp_path, monkeypatch):
     assert steps == [[0, 5, 10, 15, 20, 25, 30], [25, 30, 35, 40]]
     (note,) = read_run_config(directories[1])["weibull_rewinds"]
     assert note["superseded_runs"] == [ids[0]] and note["superseded_steps"] == [25, 30]
+
+
+def test_lightning_resume_from_a_checkpoint_without_monitor_state(tmp_path, caplog):
+    import logging
+
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=10)
+    data = torch.utils.data.DataLoader(ByteWindowDataset(n_samples=80, seq_len=32), batch_size=4)
+    settings = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
+    pl.Trainer(default_root_dir=str(tmp_path), max_steps=10, logger=False, callbacks=[checkpoints], **settings).fit(
+        TinyCausalLM(), data
+    )
+    callback = WeibullCallback(every=EVERY, store=tmp_path / "w.sqlite")
+    trainer = pl.Trainer(default_root_dir=str(tmp_path), max_steps=20, logger=False, callbacks=[callback], **settings)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit(TinyCausalLM(), data, ckpt_path=str(tmp_path / "ckpt" / "step=10.ckpt"))
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "holds no weibull-monitor state" in messages and "no monitor state for step 10" in messages
+    with RunStore(tmp_path / "w.sqlite") as store:
+        (run,) = store.runs()
+        snapshots = store.snapshots(run["run_id"])
+    assert [s["step"] for s in snapshots] == [15, 20]
+    assert snapshots[0]["T_over_tau"] == pytest.approx(5 * LR * WD, rel=1e-9)

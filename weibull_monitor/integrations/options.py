@@ -175,6 +175,16 @@ def start_series(
         monitor.stop_requested = False
         return False
     if step == 0:
+        others = monitor.other_runs() if hasattr(monitor, "other_runs") else []
+        if others:
+            logger.info(
+                "weibull-monitor: the store %s already holds %d other run(s) (last: %r); this training is the new "
+                "run %r (resume from a checkpoint to continue one, or pass its run_name to restart it)",
+                getattr(monitor.store, "path", "?"),
+                len(others),
+                others[-1],
+                monitor.run_name,
+            )
         return observe(monitor, 0, stop_on_critical)
     logger.warning(
         "weibull-monitor: training resumed at step %d from a checkpoint that holds no weibull-monitor state "

@@ -126,6 +126,16 @@ class ResumeMixin:
             self._recent_states.pop()
         self._fork(step, reason, source, message)
 
+    def other_runs(self) -> list[str]:
+        """Names of the other runs in this monitor's store ([] without a store, or when it cannot be read)."""
+        if self._store_writer is None:
+            return []
+        try:
+            store = self._open_store()  # type: ignore[attr-defined]
+            return [r["name"] for r in store.runs() if r["name"] != self.run_name]
+        except Exception:
+            return []
+
     # ------------------------------------------------------------------------------------------ observe hooks
 
     def _went_back(self, step: int) -> bool:
