@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import time
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_wandb_run_started_with_resume_from_gets_every_resumed_step(tmp_path):
     monitor.close()
     run_id = first.id
     wandb.finish()
+    time.sleep(1.1)  # W&B names offline run directories to the second: same id, same second, same directory
 
     second = wandb.init(project="weibull-rewind", dir=str(tmp_path), mode="offline", resume_from=f"{run_id}?_step=4")
     assert second.id == run_id
@@ -104,6 +106,7 @@ def test_wandb_run_started_with_resume_from_gets_every_resumed_step(tmp_path):
     monitor.close()
     wandb.finish()
     files = sorted(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}")))
+    assert len(files) == 2
     resumed = read_run_history(wait_for_run_file(files[-1]))
     assert [r["train/global_step"] for r in resumed if METRIC in r] == [25, 30, 35, 40]
     (run_record,) = [r.run for r in iter_run_records(files[-1]) if r.WhichOneof("record_type") == "run"]

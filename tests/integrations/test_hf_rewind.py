@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
             )
         finally:
             wandb.finish()
+        time.sleep(1.1)  # the Trainer names TensorBoard folders (and W&B offline ones) to the second
     assert sorted(a.rows) == list(range(0, 31, 5)) and sorted(b.rows) == [25, 30, 35, 40]
 
     with RunStore(output / "weibull.sqlite") as store:

@@ -230,6 +230,8 @@ class WandbSink(Sink):
             - {h.get("run_id") for h in here}
         )
         gone = [e for e in superseded if e.get("last_step") is not None and int(e["last_step"]) > step]
+        if not gone and self.hold.through is None:
+            return  # a resume that replaced nothing: nothing to note
         self._rewinds.append(
             {
                 "step": int(step),

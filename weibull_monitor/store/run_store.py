@@ -263,6 +263,7 @@ class RunStore(StoreReaders):
             getattr(snapshot, "expectation", None),
             json_dumps(skipped),
         )
+        state_json = None if state is None else json.dumps(state, allow_nan=True)
         with self._transaction():
             live = branch_ops.live_branch(self._conn, run_id)
             target = live if branch is None else int(branch)
@@ -272,8 +273,8 @@ class RunStore(StoreReaders):
                 ).fetchone():
                     return WriteResult.DUPLICATE
                 self._insert_rows("", target, (), fit_rows, aggregate_rows, alert_rows, snapshot_row)
-                if state is not None:
-                    self._save_state(run_id, step, state)
+                if state_json is not None:
+                    self._save_state(run_id, step, state_json)
                 result = WriteResult.LIVE
             else:
                 if self._conn.execute(
@@ -289,10 +290,10 @@ class RunStore(StoreReaders):
                     "_superseded", target, marks, fit_rows, aggregate_rows, alert_rows, snapshot_row
                 )
                 result = WriteResult.SUPERSEDED
-            if state is not None:
+            if state_json is not None:
                 self._conn.execute(
                     "INSERT OR REPLACE INTO snapshot_states (run_id, branch, step, state) VALUES (?, ?, ?, ?)",
-                    (run_id, target, step, json.dumps(state, allow_nan=True)),
+                    (run_id, target, step, state_json),
                 )
             self._conn.execute(
                 "UPDATE branches SET last_write = ?, dashboards = COALESCE(?, dashboards) "
@@ -350,11 +351,12 @@ class RunStore(StoreReaders):
             (*snapshot_row, *tail),
         )
 
-    def _save_state(self, run_id: int, step: int | None, state: Mapping[str, Any]) -> None:
+    def _save_state(self, run_id: int, step: int | None, state: Mapping[str, Any] | str) -> None:
+        text = state if isinstance(state, str) else json.dumps(state, allow_nan=True)
         self._conn.execute(
             "INSERT INTO state (run_id, step, state) VALUES (?, ?, ?) "
             "ON CONFLICT(run_id) DO UPDATE SET step = excluded.step, state = excluded.state",
-            (run_id, step, json.dumps(state, allow_nan=True)),
+            (run_id, step, text),
         )
 
     def save_state(self, run_id: int, state: Mapping[str, Any], step: int | None = None) -> None:
