@@ -90,15 +90,11 @@ class ResumeMixin:
     def _init_resume(self) -> None:
         self.identity = writer_identity()
         self._recent_states: deque[tuple[int, dict[str, Any]]] = deque(maxlen=RECENT_STATES)
-        self._since_observe: list[
-            Any
-        ] = []  # per-group rates of the updates the hook saw since the last observe
+        self._since_observe: list[Any] = []  # per-group rates of the updates the hook saw since the last observe
         self._observed = False  # this monitor has observed a step itself (not only restored one)
         self._told_sinks: set[int] = set()  # fork steps the sinks already heard of
         self._takeover_reported: set[int] = set()
-        self.rewinds: list[
-            dict[str, Any]
-        ] = []  # every resume/rewind this monitor made: step, reason, superseded
+        self.rewinds: list[dict[str, Any]] = []  # every resume/rewind this monitor made: step, reason, superseded
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -260,7 +256,8 @@ class ResumeMixin:
             self._tell_sinks(step, [])
             return
         self._told_sinks.discard(step)
-        result = self._store_writer.fork(step, reason=reason, state=self.state_dict(), message=message)  # type: ignore[attr-defined]
+        state = self.state_dict()  # type: ignore[attr-defined]
+        result = self._store_writer.fork(step, reason=reason, state=state, message=message)
         if result is None:  # the store is busy: the fork waits in order; the dashboards hear of it now
             try:
                 store, run_id = self._store_writer.target()
@@ -320,7 +317,7 @@ class ResumeMixin:
                 branch,
                 f" from {source}" if source else "",
             )
-        if previous and _alive(previous, self.identity):  # type: ignore[attr-defined]
+        if previous and _alive(previous, self.identity):
             logger.warning(
                 "weibull-monitor: run %r was last written by another process that still runs (pid %s on %s); "
                 "this process now owns the run's live timeline and that one's later snapshots go to its own "
@@ -357,13 +354,8 @@ class ResumeMixin:
         entries = []
         for entry in superseded:
             entry = dict(entry)
-            entry["this_process"] = (
-                entry.get("pid") == self.identity["pid"]
-                and entry.get(  # type: ignore[attr-defined]
-                    "host"
-                )
-                == self.identity["host"]
-            )  # type: ignore[attr-defined]
+            me = self.identity
+            entry["this_process"] = entry.get("pid") == me["pid"] and entry.get("host") == me["host"]
             entries.append(entry)
         for sink in self._sinks:
             sink.rewind(step, entries)
