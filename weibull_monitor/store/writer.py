@@ -16,7 +16,14 @@ logger = logging.getLogger("weibull_monitor.store")
 
 
 # Errors that say "this snapshot cannot be stored" rather than "the file cannot be written now".
-_DATA_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError, TypeError, ValueError)
+_DATA_ERRORS = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    TypeError,
+    ValueError,
+    OverflowError,  # a number SQLite cannot hold (a step of 10**19): that snapshot only, never the ones after it
+)
 
 
 class StoreWriter:
