@@ -40,6 +40,7 @@ from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
 from weibull_monitor.monitor.filters import NameFilter, name_filter
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
+from weibull_monitor.monitor.steps import checked_step
 from weibull_monitor.sinks.base import Sink
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
@@ -168,9 +169,15 @@ class WeibullMonitor:
 
     def observe(self, step: int) -> Snapshot | None:
         """Call once per optimizer step with the number of updates done so far. Returns the snapshot when
-        ``step % every == 0`` (and it was not taken yet), else None. Never raises for a failing snapshot: the
-        failure is logged once and training goes on."""
-        step = int(step)
+        ``step % every == 0`` (and it was not taken yet), else None. Never raises: a failing snapshot is logged
+        once and training goes on; a step that is no whole number 0 <= step < 2**63 (None, NaN, Inf, a string, a
+        bool, 10.9, -1) is ignored with one warning per kind (``monitor/steps.py``); 10.0 counts as step 10."""
+        step, refused = checked_step(step)
+        if step is None:
+            self._report_once(
+                f"step:{refused.split(' is ')[-1]}", f"weibull-monitor: observe() ignored {refused}"
+            )
+            return None
         previous = self._last_seen_step
         if previous is not None and step == previous:
             return None
