@@ -33,12 +33,13 @@ from typing import Any
 import torch
 
 from weibull_monitor._version import __version__
-from weibull_monitor.alerts import LOGGING_LEVELS, Alert, AlertEngine, Rule, default_rules
+from weibull_monitor.alerts import Alert, AlertEngine, Rule, default_rules
 from weibull_monitor.distributed import agree, fit_matrices
 from weibull_monitor.estimator.protocol import check_method
 from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
 from weibull_monitor.monitor.filters import NameFilter, name_filter
+from weibull_monitor.monitor.floods import log_alerts
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
 from weibull_monitor.monitor.steps import checked_step
 from weibull_monitor.sinks.base import Sink
@@ -264,8 +265,7 @@ class WeibullMonitor:
     def _emit(self, snapshot: Snapshot) -> None:
         if self._store_writer is not None:
             self._store_writer.write(snapshot, self.state_dict())
-        for alert in snapshot.alerts:
-            logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
+        log_alerts(logger, snapshot.alerts, snapshot.step)  # a flood is summarised, never lost
         for sink in self._sinks:
             sink.log_metrics(dict(snapshot.aggregates), snapshot.step)  # a copy each: sinks may edit theirs
             for alert in snapshot.alerts:
