@@ -78,29 +78,43 @@ def check_writable(conn: sqlite3.Connection, path: object) -> None:
     stored_version(conn, path)
 
 
+def _wal_without_its_files(path: Path) -> bool:
+    """A database in WAL mode (header bytes 18-19) whose -wal and -shm files are absent: no writer has it open, and
+    an ordinary read-only connection would create both beside it."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(20)
+    except OSError:
+        return False
+    wal = len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"
+    return wal and not Path(f"{path}-wal").exists() and not Path(f"{path}-shm").exists()
+
+
 def open_read_only(path: Path, timeout: float, newest: int) -> sqlite3.Connection:
-    """A read-only connection to an existing run store: the file is opened ``mode=ro``, nothing is created in it
-    or beside it. A store in WAL mode inside a read-only folder (no ``-shm`` file can be made) is read as
-    immutable. StoreError when the file is missing, no SQLite database, no run store, or a run store of a schema
-    version newer than ``newest``."""
+    """A read-only connection to an existing run store: the file is opened ``mode=ro`` and nothing is created in it
+    or beside it. A store in WAL mode that no writer holds open (no -wal or -shm file) is opened as immutable, so
+    that not even those files appear; one a run is writing is read through them, as SQLite readers do. StoreError
+    when the file is missing, no SQLite database, no run store, or a run store of a schema version newer than
+    ``newest``."""
     if not path.exists():
         raise StoreError(f"{path}: no such run store")
     if not path.is_file():
         raise StoreError(f"{path}: not a file, so not a run store")
     uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+    attempts = ("&immutable=1",) if _wal_without_its_files(path) else ("", "&immutable=1")
     conn = None
     try:
-        for suffix in ("", "&immutable=1"):
+        for i, suffix in enumerate(attempts):
             conn = sqlite3.connect(
                 uri + suffix, uri=True, timeout=timeout, check_same_thread=False, isolation_level=None
             )
             try:
                 tables = _tables(conn)
                 break
-            except sqlite3.OperationalError:
+            except sqlite3.OperationalError:  # a WAL store in a read-only folder, with no -shm: immutable
                 conn.close()
                 conn = None
-                if suffix:
+                if i == len(attempts) - 1:
                     raise
         assert conn is not None
         if "schema_version" not in tables or "runs" not in tables:
