@@ -123,6 +123,20 @@ def write(path: Path, data: bytes | str) -> None:
 SCAN = ["scan", "--json", "--no-progress"]
 
 
+def fused(folder: Path, config: dict) -> None:
+    """A GPT-NeoX checkpoint (fused QKV) with ``config`` as its config.json."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = {
+        f"gpt_neox.layers.{i}.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)
+        for i in range(2)
+    }
+    tensors.update(
+        {f"gpt_neox.layers.{i}.attention.dense.weight": torch.randn(32, 32, generator=gen) for i in range(2)}
+    )
+    write(folder / "model.safetensors", safetensors_bytes(tensors, folder))
+    write(folder / "config.json", json.dumps(config))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The inputs the trial found (one case each), named as in the issue
 
@@ -449,21 +463,6 @@ def named_cases(scratch: Path, big: bool) -> list[Case]:
         (folder / "shard.safetensors").mkdir()
 
     add("index/shard-is-a-directory", "index", shard_dir, [*SCAN, "."], expect="error")
-
-    def fused(folder: Path, config: dict) -> None:
-        gen = torch.Generator().manual_seed(2)
-        tensors = {
-            f"gpt_neox.layers.{i}.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)
-            for i in range(2)
-        }
-        tensors.update(
-            {
-                f"gpt_neox.layers.{i}.attention.dense.weight": torch.randn(32, 32, generator=gen)
-                for i in range(2)
-            }
-        )
-        write(folder / "model.safetensors", safetensors_bytes(tensors, folder))
-        write(folder / "config.json", json.dumps(config))
 
     neox = {"model_type": "gpt_neox", "num_attention_heads": 4, "hidden_size": 32, "num_hidden_layers": 2}
     for key, value in (

@@ -160,7 +160,9 @@ def library_tensors(kind: str, path: Path) -> dict[str, torch.Tensor]:
                 continue
             else:
                 values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            out[tensor.name] = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
+            values = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
+            # bf16 dequantised to float32 is exact; as bf16 it is fitted by the same (exact) histogram kind
+            out[tensor.name] = values.to(torch.bfloat16) if name == "BF16" else values
         return out
     raise ValueError(kind)
 
