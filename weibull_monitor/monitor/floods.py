@@ -21,12 +21,13 @@ ALERT_LINES = 10
 
 
 def log_alerts(logger: logging.Logger, alerts: Sequence[Any], step: int, limit: int = ALERT_LINES) -> None:
-    """Log ``alerts`` of the snapshot at ``step``: all critical ones, up to ``limit`` lines in all, then a summary."""
-    shown = 0
+    """Log ``alerts`` of the snapshot at ``step``: every critical one and others up to ``limit`` lines in all, in
+    their order, then one summary line."""
+    room = max(0, limit - sum(1 for alert in alerts if alert.level == "critical"))
     held: Counter[tuple[str, str]] = Counter()
     for alert in alerts:
-        if alert.level == "critical" or shown < limit:
-            shown += 1
+        if alert.level == "critical" or room > 0:
+            room -= alert.level != "critical"
             logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
         else:
             held[(alert.rule, alert.level)] += 1
