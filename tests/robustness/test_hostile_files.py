@@ -9,6 +9,7 @@ time and memory budgets in tests/robustness/test_fuzz_loaders.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sqlite3
@@ -184,6 +185,7 @@ def test_safetensors_header_defects_are_refused_as_safe_open_refuses_them(tmp_pa
     code, _, err = scan(capsys, "--json", str(path))
     assert code == 2
     one_error_line(err, "not a valid safetensors file")
+
     def library_reads() -> None:  # the format's own library refuses it too
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118
@@ -635,3 +637,65 @@ def test_heatmap_of_ten_thousand_layers_is_bounded():
     grouped, steps, layer_size, step_size = bounded_cells(cells, list(range(0, 1000, 100)))
     assert len({layer for layer, _ in grouped["q"]}) <= MAX_HEATMAP_ROWS and len(steps) <= MAX_HEATMAP_COLUMNS
     assert layer_size == 157 and step_size == 1
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_report_of_a_ten_thousand_layer_store_is_bounded(tmp_path):
+    """10,000 layers x 2 components x 3 snapshots: the heatmap groups layers (it was 460 x 250,220 px), and the
+    report is drawn in bounded time and memory (172 s and 3.9 GB before)."""
+    from weibull_monitor.estimator import WeibullFit
+    from weibull_monitor.models import Role
+    from weibull_monitor.snapshot import Snapshot
+    from weibull_monitor.store import RunStore
+
+    store_path = tmp_path / "big.sqlite"
+    with RunStore(store_path) as store:
+        run = store.open_run("deep")
+        for step in (0, 10, 20):
+            fits, roles = {}, {}
+            for layer in range(10_000):
+                for component, klass in (("q", "selection"), ("ffn_up", "transmission")):
+                    key = f"model.layers.{layer}.{component}.weight"
+                    k = 1.2 + 0.01 * math.sin(layer / 500) + step * 1e-4
+                    fits[key] = WeibullFit(
+                        k,
+                        0.02,
+                        0.99,
+                        4096,
+                        0,
+                        0,
+                        0.02,
+                        0.01,
+                        "histogram",
+                        True,
+                        None,
+                        0.01,
+                        0.02,
+                        0.03,
+                        0.04,
+                        0.05,
+                    )
+                    roles[key] = Role(layer=layer, component=component, klass=klass)
+            store.write_snapshot(run, Snapshot(step=step, fits=fits, roles=roles, aggregates={}))
+    code = f"import sys; from weibull_monitor.cli import main; sys.exit(main(['report', {str(store_path)!r}, '-o', {str(tmp_path / 'out')!r}]))"
+    before = os.times()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    after = os.times()
+    assert done.returncode == 0, done.stderr[-2000:]
+    width, height = _png_size(tmp_path / "out" / "run1_k_heatmap.png")
+    assert width <= 2000 and height <= 4000, (width, height)
+    cpu = after.children_user - before.children_user + after.children_system - before.children_system
+    print(f"\n10,000-layer report: {cpu:.1f} s of CPU, heatmap {width} x {height} px")
+    assert cpu < 60
+
+
+def test_the_verdict_column_has_a_header(tmp_path, capsys):
+    save(tmp_path / "m.safetensors", fuzz_corpus.state())
+    code, out, _ = scan(capsys, str(tmp_path / "m.safetensors"))
+    assert code == 0
+    headers = [line for line in out.splitlines() if line.startswith(("class ", "component "))]
+    assert len(headers) == 2 and all(line.rstrip().endswith("vs paper") for line in headers)
