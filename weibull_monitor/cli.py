@@ -142,9 +142,9 @@ def _scan(args: argparse.Namespace) -> int:
         all_results.append(results)
     flat = [r for results in all_results for r in results]
     if args.json:
-        print(tables.rows_to_json(flat))
+        tables.write_json(flat, sys.stdout)
     elif args.csv:
-        sys.stdout.write(tables.rows_to_csv(flat))
+        tables.write_csv(flat, sys.stdout)
     else:
         print("\n\n".join(tables.format_tables(results) for results in all_results))
     if failure is not None:

@@ -4,8 +4,9 @@
 
 For each case (tests/robustness/fuzz_corpus.py) a child forked from this process (which imported everything once and
 never fits, so it stays single-threaded) runs the CLI in the case's folder, with its stdout and stderr in files and
-these budgets: 10 s of CPU and 10 s of wall time (the child is killed at 30 s: a hang is reported, never waited
-for), 500 MB of resident memory above this process (its address space is capped 1.5 GB above, so a runaway
+these budgets: 10 s of CPU time (wall time is recorded too, but a machine shared with other jobs stretches it; a
+child still running after 120 s is killed and reported as a hang, never waited for), 500 MB of resident memory
+above this process (its address space is capped 1.5 GB above, so a runaway
 allocation fails fast instead of taking the machine). Then, for each case:
 
 - the outcome is exit 0, or exit 2 with exactly one ``error:`` line (other stderr lines are warnings or notes); never
@@ -38,8 +39,7 @@ import fuzz_corpus  # noqa: E402
 import torch  # noqa: E402 - after the path setup
 
 CPU_BUDGET_S = 10.0
-WALL_BUDGET_S = 10.0
-KILL_AFTER_S = 30.0
+KILL_AFTER_S = 120.0  # a hang; the 10 s budget is checked on CPU time, which a loaded machine does not stretch
 MEMORY_BUDGET_MB = 500
 ADDRESS_SPACE_MARGIN = 1536 << 20
 

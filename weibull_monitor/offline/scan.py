@@ -284,13 +284,13 @@ def scan_checkpoint(
             skipped[info.name] = reason
         else:
             split_failures: dict[str, str] = {}
+            plain = not role.parts and not role.stacked  # the common case, kept lean: one matrix, no parts
+            if plain:
+                batch.add(info.name, tensor)
+                entries.append(MatrixEntry(info.name, info.name, _ShapeOnly(tensor.shape, info.dtype), role))
+                planned.append(("fit", (info.name, info, role)))
             # the role map sees the name the format translates to (GGUF); the store keeps the name in the file
-            plain = not role.parts and not role.stacked  # the common case: one matrix, nothing to split
-            for entry in (
-                [MatrixEntry(info.role_name, info.role_name, LocalMatrix(tensor), role)]
-                if plain
-                else _entries(info, tensor, role, config, split_failures)
-            ):
+            for entry in [] if plain else _entries(info, tensor, role, config, split_failures):
                 key = entry.key.replace(info.role_name, info.name, 1)
                 batch.add(key, entry.matrix.tensor)
                 # a stand-in: the snapshot needs the shape, and must not keep the file's pages mapped

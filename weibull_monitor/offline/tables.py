@@ -8,7 +8,7 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from weibull_monitor.models import COMPONENTS, expectations
 from weibull_monitor.offline.scan import JSON_FIELDS, ScanResult
@@ -16,7 +16,7 @@ from weibull_monitor.offline.text import printable
 from weibull_monitor.snapshot import keys
 from weibull_monitor.snapshot.classes import class_members
 
-__all__ = ["expectation_for", "format_tables", "rows_to_csv", "rows_to_json"]
+__all__ = ["expectation_for", "format_tables", "rows_to_csv", "rows_to_json", "write_csv", "write_json"]
 
 
 def expectation_for(klass: str, component: str, attention_kind: str | None) -> tuple[Any, str]:
@@ -212,16 +212,28 @@ def all_rows(results: Sequence[ScanResult]) -> list[dict[str, Any]]:
     return [row for res in results for row in res.rows]
 
 
+def write_json(results: Sequence[ScanResult], stream: TextIO) -> None:
+    """A JSON list of row objects (``JSON_FIELDS``), one object per line, written as it goes (no copy of the whole
+    output in memory: 100,000 rows are 30 MB); nan becomes null, ``step`` is null for a single checkpoint."""
+    stream.write("[")
+    separator = "\n"
+    for row in all_rows(results):
+        stream.write(separator + json.dumps(row, allow_nan=False))
+        separator = ",\n"
+    stream.write("\n]\n")
+
+
 def rows_to_json(results: Sequence[ScanResult]) -> str:
-    """A JSON list of row objects (``JSON_FIELDS``); nan becomes null, ``step`` is null for a single checkpoint."""
-    return json.dumps(all_rows(results), indent=1, allow_nan=False)
-
-
-def rows_to_csv(results: Sequence[ScanResult]) -> str:
-    """The rows as CSV; text fields (names, paths, reasons) with control characters escaped, since CSV is often read
-    on a terminal."""
+    """:func:`write_json` into a string."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(JSON_FIELDS), lineterminator="\n")
+    write_json(results, buffer)
+    return buffer.getvalue()
+
+
+def write_csv(results: Sequence[ScanResult], stream: TextIO) -> None:
+    """The rows as CSV, written as it goes; text fields (names, paths, reasons) with control characters escaped,
+    since CSV is often read on a terminal."""
+    writer = csv.DictWriter(stream, fieldnames=list(JSON_FIELDS), lineterminator="\n")
     writer.writeheader()
     for row in all_rows(results):
         writer.writerow(
@@ -238,4 +250,10 @@ def rows_to_csv(results: Sequence[ScanResult]) -> str:
                 for k, v in row.items()
             }
         )
+
+
+def rows_to_csv(results: Sequence[ScanResult]) -> str:
+    """:func:`write_csv` into a string."""
+    buffer = io.StringIO()
+    write_csv(results, buffer)
     return buffer.getvalue()
