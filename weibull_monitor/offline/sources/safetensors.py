@@ -140,6 +140,9 @@ class SafetensorsSource(Source):
         except OSError as exc:
             raise LoaderError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         self.data_start = 8 + header_len
+        entries_seen = raw.count(b'"data_offsets"')
+        if entries_seen > MAX_TENSORS:  # counted before parsing: 100 MB of entries would be ~1 GB of objects
+            raise LoaderError(f"{path}: {entries_seen} tensors, more than the limit of {MAX_TENSORS} per file")
         try:
             if not raw.lstrip(b" ").startswith(b"{"):
                 raise ValueError("the header does not start with '{'")
