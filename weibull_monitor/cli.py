@@ -155,14 +155,13 @@ def _scan(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from weibull_monitor.offline.report import write_report
+    from weibull_monitor.offline.text import printable
 
     store = Path(args.store)
-    if not store.is_file():
-        raise FileNotFoundError(f"{store}: no such run store")
     out = Path(args.out) if args.out else store.with_name(store.stem + "_report")
     page = write_report(store, out, run=args.run)
-    print(f"report: {page}")
-    print(f"open it with: python -m webbrowser file://{page.resolve()}")
+    print(f"report: {printable(page)}")
+    print(f"open it with: python -m webbrowser {printable(page.resolve().as_uri())}")
     return 0
 
 

@@ -210,7 +210,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, run: str | int | N
     except ImportError as exc:
         raise ImportError("report needs matplotlib: pip install 'weibull-monitor[plot]'") from exc
     store_path = Path(store_path)
-    if not store_path.is_file():
+    if not store_path.exists():
         raise FileNotFoundError(f"{store_path}: no such run store")
     out = Path(out_dir)
     with RunStore(store_path, read_only=True) as store:
