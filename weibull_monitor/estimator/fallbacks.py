@@ -10,6 +10,13 @@ import torch
 
 from weibull_monitor.estimator.exact import fit_exact
 from weibull_monitor.estimator.histogram import histogram_kind
+from weibull_monitor.estimator.histogram.runtime import (
+    CPU_CHUNK_ELEMENTS,
+    chunks,
+    pool_size,
+    thread_pool,
+    torch_on_one_thread,
+)
 from weibull_monitor.estimator.protocol import MIN_ELEMENTS, readable_tensor, too_few_reason
 from weibull_monitor.estimator.record import WeibullFit, failed_fit
 
@@ -25,10 +32,12 @@ def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
 
     The fp32 kind reads a value through the high 16 bits of its float32 pattern (fp64 rounded to float32 first):
     nonzero values below 2**-133 (fp32 subnormals included) land in the zero column, and fp64 values beyond
-    float32's range in the non-finite one. So when those columns hold anything, an independent count of the true
-    zeros and non-finite values decides: equal counts keep the histogram fit; different ones mean values the
-    histogram cannot place, and the exact method (which reads every value in float64) fits the tensor instead, or,
-    past EXACT_FALLBACK_ELEMENTS, the fit is not ok and says why. Never raises.
+    float32's range in the non-finite one. So when one of those columns holds anything that can be misplaced, an
+    independent count decides: the true zeros (one ``count_nonzero`` pass, about as long as the histogram itself;
+    only for matrices with a zero), and for fp64 the true non-finite values (fp32's are exact). Equal counts keep
+    the histogram fit; different ones mean values the histogram cannot place, and the exact method (which reads every
+    value in float64) fits the tensor instead, or, past EXACT_FALLBACK_ELEMENTS, the fit is not ok and says why.
+    Never raises.
     """
     if fit.n_zero == 0 and fit.n_nonfinite == 0:  # nothing the histogram could have misplaced
         return fit
@@ -36,10 +45,13 @@ def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
         t, _ = readable_tensor(tensor)
         if t is None or histogram_kind(t.dtype) != "fp32":
             return fit
+        wide = t.dtype != torch.float32  # fp64: rounded to float32 first, so non-finite codes can be wrong too
+        if fit.n_zero == 0 and not wide:
+            return fit
         with torch.no_grad():
             numel = t.numel()
-            zeros = numel - int(torch.count_nonzero(t))  # NaN counts as nonzero, as it must
-            nonfinite = numel - int(torch.isfinite(t).sum())
+            zeros = numel - _count_nonzero(t) if fit.n_zero else 0  # NaN counts as nonzero, as it must
+            nonfinite = numel - int(torch.isfinite(t).sum()) if wide and fit.n_nonfinite else fit.n_nonfinite
         if zeros == fit.n_zero and nonfinite == fit.n_nonfinite:
             return fit
         outside = fit.n_zero - zeros + fit.n_nonfinite - nonfinite
@@ -55,6 +67,17 @@ def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
         return fit_exact(t)
     except Exception as exc:  # never raises: the histogram fit stands, flagged
         return failed_fit(f"range check failed: {type(exc).__name__}: {exc}", fit.method)
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """``count_nonzero`` spread over the histogram's thread pool for a large CPU tensor (one read pass, chunked in
+    memory order like the counting itself)."""
+    size = pool_size()
+    if t.device.type != "cpu" or t.numel() < 1 << 22 or size <= 1:
+        return int(torch.count_nonzero(t))
+    parts = chunks(t, max(CPU_CHUNK_ELEMENTS, -(-t.numel() // size)))
+    with torch_on_one_thread():
+        return sum(thread_pool(size).map(lambda part: int(torch.count_nonzero(part)), parts))
 
 
 def counts_only(tensors: Sequence[torch.Tensor], method: str) -> list[WeibullFit]:
