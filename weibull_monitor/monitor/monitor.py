@@ -43,6 +43,7 @@ from weibull_monitor.monitor.floods import log_alerts
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
 from weibull_monitor.monitor.steps import checked_step
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.frozen import frozen_alert
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
@@ -274,7 +275,7 @@ class WeibullMonitor:
         if self.on_alert is not None:
             for alert in snapshot.alerts:
                 try:
-                    self.on_alert(alert)
+                    self.on_alert(frozen_alert(alert))  # read-only, as sinks get it
                 except Exception as error:
                     self._report_once(
                         "on_alert", f"weibull-monitor: on_alert callback raised {error!r}", exc=error
