@@ -23,7 +23,7 @@ from weibull_monitor.estimator.record import FLOAT_FIELDS, INT_FIELDS
 from weibull_monitor.models import Role, attention_kind, classify
 from weibull_monitor.models.expectations import selection_expectation
 from weibull_monitor.offline.checkpoints import Checkpoint, open_checkpoints
-from weibull_monitor.offline.memory import release
+from weibull_monitor.offline.memory import no_cyclic_gc, release
 from weibull_monitor.offline.progress import Progress
 from weibull_monitor.offline.sources import TensorInfo
 from weibull_monitor.plain_data import finite_or_none
@@ -266,8 +266,12 @@ def scan_checkpoint(
     config = checkpoint.config
     infos = checkpoint.infos()
     roles = matrix_roles(checkpoint, infos) if roles is None else roles
+    # attention_kind looks for a fused QKV among the names (the role map has matched every one already: only the
+    # qkv ones, or any one to say there are names, need to be matched again, not 100,000 of them)
+    names = [i.role_name for i in infos if i.name in roles]
+    fused = [i.role_name for i in infos if i.name in roles and roles[i.name].component == "qkv"]
     try:
-        kind = attention_kind(config, [i.role_name for i in infos if i.name in roles])
+        kind = attention_kind(config, fused or names[:1])
     except Exception:  # a config that says nothing usable about attention
         kind = None
     path = str(checkpoint.path)
@@ -350,17 +354,18 @@ def scan_path(
 
     ``progress``: draw a bar on stderr (None: only when stderr is a terminal).
     """
-    checkpoints = open_checkpoints(path, follow_symlinks=follow_symlinks)
-    roles = [matrix_roles(c) for c in checkpoints]
-    bar = Progress(sum(len(r) for r in roles), enabled=progress)
-    builder = SnapshotBuilder()  # one history for the series: growth from the first checkpoint
-    try:
-        return [
-            scan_checkpoint(c, method=method, on_tensor=bar.advance, builder=builder, roles=r)
-            for c, r in zip(checkpoints, roles)
-        ]
-    finally:
-        bar.close()
+    with no_cyclic_gc():  # thousands of small records, no cycles: the collector only costs time here
+        checkpoints = open_checkpoints(path, follow_symlinks=follow_symlinks)
+        roles = [matrix_roles(c) for c in checkpoints]
+        bar = Progress(sum(len(r) for r in roles), enabled=progress)
+        builder = SnapshotBuilder()  # one history for the series: growth from the first checkpoint
+        try:
+            return [
+                scan_checkpoint(c, method=method, on_tensor=bar.advance, builder=builder, roles=r)
+                for c, r in zip(checkpoints, roles)
+            ]
+        finally:
+            bar.close()
 
 
 def write_store(

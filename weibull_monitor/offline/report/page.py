@@ -23,6 +23,7 @@ from typing import Any
 
 from weibull_monitor._version import __version__
 from weibull_monitor.models import expectations
+from weibull_monitor.offline.memory import no_cyclic_gc
 from weibull_monitor.offline.report.data import ReportError, RunData, load_run
 from weibull_monitor.offline.report.figures import (
     KLASSES,
@@ -213,7 +214,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, run: str | int | N
     if not store_path.exists():
         raise FileNotFoundError(f"{store_path}: no such run store")
     out = Path(out_dir)
-    with RunStore(store_path, read_only=True) as store:
+    with no_cyclic_gc(), RunStore(store_path, read_only=True) as store:  # many small records, no cycles
         runs = store.runs()
         if run is not None:
             runs = [r for r in runs if str(r["run_id"]) == str(run) or r["name"] == str(run)]
