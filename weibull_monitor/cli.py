@@ -1,12 +1,14 @@
 """The ``weibull-monitor`` command: ``scan`` saved checkpoints, ``report`` a run store, run the ``demo``.
 
-Errors a user can fix (a missing file, a checkpoint that needs pickle, a missing optional package) end the command
-with a one-line message and exit status 2, never a traceback.
+Errors a user can fix (a missing file, a checkpoint that needs pickle, a malformed file, a missing optional package)
+end the command with a one-line message (control characters escaped) and exit status 2, never a traceback; so does
+anything unexpected, worded as a bug (``WEIBULL_MONITOR_DEBUG=1`` shows its traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -108,43 +110,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class PartialScan(Exception):
+    """A later PATH of a multi-PATH scan failed after earlier ones were scanned (and maybe stored)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _scan(args: argparse.Namespace) -> int:
     from weibull_monitor.offline import scan as scanning
     from weibull_monitor.offline import tables
+    from weibull_monitor.offline.text import printable
 
     progress = False if args.no_progress else None
     all_results = []
+    failure: BaseException | None = None
     for path in args.paths:
-        results = scanning.scan_path(
-            path, method=args.method, follow_symlinks=args.follow_symlinks, progress=progress
-        )
-        if args.store:
-            run_name = args.run_name if len(args.paths) == 1 else None
-            run_id = scanning.write_store(results, args.store, source=path, run_name=run_name)
-            print(
-                f"stored {len(results)} snapshot(s) of {path} in {args.store} (run {run_id})", file=sys.stderr
+        try:
+            results = scanning.scan_path(
+                path, method=args.method, follow_symlinks=args.follow_symlinks, progress=progress
             )
+            if args.store:
+                run_name = args.run_name if len(args.paths) == 1 else None
+                run_id = scanning.write_store(results, args.store, source=path, run_name=run_name)
+                print(
+                    f"stored {len(results)} snapshot(s) of {printable(path)} in {printable(args.store)} "
+                    f"(run {run_id})",
+                    file=sys.stderr,
+                )
+        except Exception as error:  # what was scanned (and stored) before is still printed
+            if not all_results:
+                raise
+            failure = error
+            break
         all_results.append(results)
     flat = [r for results in all_results for r in results]
     if args.json:
-        print(tables.rows_to_json(flat))
+        tables.write_json(flat, sys.stdout)
     elif args.csv:
-        sys.stdout.write(tables.rows_to_csv(flat))
+        tables.write_csv(flat, sys.stdout)
     else:
         print("\n\n".join(tables.format_tables(results) for results in all_results))
+    if failure is not None:
+        sys.stdout.flush()
+        raise PartialScan(failure)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from weibull_monitor.offline.report import write_report
+    from weibull_monitor.offline.text import printable
 
     store = Path(args.store)
-    if not store.is_file():
-        raise FileNotFoundError(f"{store}: no such run store")
     out = Path(args.out) if args.out else store.with_name(store.stem + "_report")
     page = write_report(store, out, run=args.run, branches=not args.no_branches)
-    print(f"report: {page}")
-    print(f"open it with: python -m webbrowser file://{page.resolve()}")
+    print(f"report: {printable(page)}")
+    print(f"open it with: python -m webbrowser {printable(page.resolve().as_uri())}")
     return 0
 
 
@@ -161,31 +183,95 @@ def _study(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+class _Warnings:
+    """Warnings as one escaped line each; past ``limit`` lines they are counted and summarised at the end, so a
+    series of a thousand broken checkpoints gives a screen, not a flood."""
+
+    def __init__(self, command: str, limit: int = 20) -> None:
+        self.command = command
+        self.limit = limit
+        self.shown = 0
+        self.held = 0
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        from weibull_monitor.offline.text import printable
+
+        if self.shown >= self.limit:
+            self.held += 1
+            return
+        self.shown += 1
+        print(f"weibull-monitor {self.command}: warning: {printable(message)}", file=sys.stderr)
+
+    def summary(self) -> None:
+        if self.held:
+            print(
+                f"weibull-monitor {self.command}: warning: {self.held} more warnings not shown",
+                file=sys.stderr,
+            )
+
+
+def _error_line(command: str, error: BaseException) -> str:
+    """The one line an error ends the command with (control characters escaped, newlines included)."""
+    import sqlite3
+
+    from weibull_monitor.offline.text import printable
+
+    if isinstance(error, PartialScan):
+        return _error_line(command, error.error) + " (the PATHs before it were scanned and printed)"
+    if isinstance(error, sqlite3.Error):
+        text = f"the store cannot be used: {error}"
+    elif isinstance(error, RecursionError):
+        text = "input nested too deeply to read"
+    elif isinstance(error, MemoryError):
+        text = "not enough memory for this input"
+    elif isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror}"
+    elif _expected(error):
+        text = str(error)
+    else:
+        text = f"unexpected {type(error).__name__}: {error} (a bug in weibull-monitor; WEIBULL_MONITOR_DEBUG=1 shows where)"
+    return f"weibull-monitor {command}: error: {printable(text)}"
+
+
+def _expected(error: BaseException) -> bool:
+    """Errors whose message is meant for the user as it is."""
+    if isinstance(error, (FileNotFoundError, ImportError)):
+        return True
+    try:
+        from weibull_monitor.offline.report.data import ReportError
+        from weibull_monitor.offline.sources import LoaderError
+        from weibull_monitor.store import StoreError
+    except ImportError:  # pragma: no cover - a broken install: worded as unexpected
+        return False
+    return isinstance(error, (LoaderError, ReportError, StoreError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from weibull_monitor.offline.report import ReportError
-    from weibull_monitor.offline.sources import LoaderError
-    from weibull_monitor.store import StoreError
-
     handlers = {"scan": _scan, "report": _report, "demo": _demo, "study": _study}
+    flood = _Warnings(args.command)
     try:
         with warnings.catch_warnings():
             if args.command != "demo":  # the demo's libraries keep their own warning format
-
-                def one_line(message, category, filename, lineno, file=None, line=None):
-                    print(f"weibull-monitor {args.command}: warning: {message}", file=sys.stderr)
-
-                warnings.showwarning = one_line
+                warnings.showwarning = flood.show
             return handlers[args.command](args)
-    except (LoaderError, ReportError, StoreError, FileNotFoundError, ImportError) as exc:
-        print(f"weibull-monitor {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # `scan ... | head`: the reader left, nothing to report
         return 0
+    except KeyboardInterrupt:
+        print(f"weibull-monitor {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line, never a traceback (WEIBULL_MONITOR_DEBUG=1 re-raises)
+        if os.environ.get("WEIBULL_MONITOR_DEBUG") and not isinstance(error, PartialScan):
+            raise
+        print(_error_line(args.command, error), file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        flood.summary()
 
 
 if __name__ == "__main__":

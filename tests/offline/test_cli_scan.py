@@ -483,6 +483,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal():
     loud = io.StringIO()
     bar = _Progress(2, stream=loud, enabled=True)
     bar.advance("model.layers.0.q_proj.weight")
+    bar.close()
     assert "1/2" in loud.getvalue() and "q_proj" in loud.getvalue()
 
 

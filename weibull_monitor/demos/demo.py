@@ -219,6 +219,12 @@ def run_demo(
         )
         rules = default_rules()
         callback = WeibullCallback(every=every, store=str(store_path), run_name=run_name, rules=rules)
+        if "wandb" in dashboards:
+            # started here, under ``out``, with the demo's settings: the Trainer's callback reuses an active run,
+            # and W&B would otherwise keep the directory of the first run this process ever started
+            import wandb
+
+            wandb.init(project="weibull-monitor-demo", name=run_name, dir=str(out), mode="offline")
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
         started = time.perf_counter()
         trainer.train()

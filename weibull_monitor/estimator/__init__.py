@@ -7,6 +7,7 @@ other part of weibull_monitor. The science: docs/estimator.md.
 """
 
 from weibull_monitor.estimator.api import fit_many, fit_weibull
+from weibull_monitor.estimator.fallbacks import in_histogram_range
 from weibull_monitor.estimator.protocol import (
     K_GAUSSIAN,
     LAMBDA_PER_SIGMA,
@@ -28,4 +29,5 @@ __all__ = [
     "failed_fit",
     "fit_many",
     "fit_weibull",
+    "in_histogram_range",
 ]

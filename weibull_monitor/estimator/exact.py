@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from weibull_monitor.estimator.protocol import QUANTILE_LEVELS, middle_ranks, too_few_reason
+from weibull_monitor.estimator.protocol import QUANTILE_LEVELS, middle_ranks, storage_order, too_few_reason
 from weibull_monitor.estimator.record import WeibullFit, failed_fit
 from weibull_monitor.estimator.regression import SUM_NAMES, fits_from_sums, regression_sums
 
@@ -23,7 +23,7 @@ def _sorted_magnitudes(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     Values are sorted in float32 when that is exact (fp32, bf16, fp16, float8) and in float64 otherwise, on the
     CPU through numpy (its sort is 2-3x faster than torch's there), elsewhere on the tensor's own device.
     """
-    flat = t.reshape(-1)
+    flat = storage_order(t).reshape(-1)  # a view, not a copy, for a transposed matrix
     exact_in_fp32 = t.dtype in (torch.float32, torch.bfloat16, torch.float16) or "float8" in str(t.dtype)
     values = flat.to(torch.float32 if exact_in_fp32 else torch.float64).abs()
     if values.device.type == "cpu":

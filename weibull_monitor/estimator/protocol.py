@@ -26,6 +26,7 @@ __all__ = [
     "check_method",
     "middle_ranks",
     "readable_tensor",
+    "storage_order",
     "too_few_reason",
 ]
 
@@ -84,6 +85,20 @@ def readable_tensor(tensor: Any) -> tuple[torch.Tensor | None, str | None]:
     if t.dtype in _INTEGER_DTYPES or not t.is_floating_point():
         return None, f"dtype {t.dtype} is not floating point: dequantize integer weights first"
     return t, None
+
+
+def storage_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` holding the same elements in the order they lie in memory, when its dimensions are a
+    permutation of a dense block (a transposed or permuted matrix); ``t`` itself otherwise.
+
+    Counts and sorts do not depend on the order of the elements, and reading memory in order is what makes them
+    fast: a transposed 1e9-element fp32 view took 55 s to count against 1 s for its contiguous twin.
+    """
+    if t.dim() < 2 or t.is_contiguous():
+        return t
+    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+    permuted = t.permute(order)
+    return permuted if permuted.is_contiguous() else t
 
 
 def too_few_reason(n: int, n_zero: int, n_nonfinite: int) -> str | None:

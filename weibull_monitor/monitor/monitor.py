@@ -39,15 +39,18 @@ from typing import Any
 import torch
 
 from weibull_monitor._version import __version__
-from weibull_monitor.alerts import LOGGING_LEVELS, Alert, AlertEngine, Rule, default_rules
+from weibull_monitor.alerts import Alert, AlertEngine, Rule, default_rules
 from weibull_monitor.distributed import agree, fit_matrices
 from weibull_monitor.estimator.protocol import check_method
 from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
 from weibull_monitor.monitor.filters import NameFilter, name_filter
+from weibull_monitor.monitor.floods import log_alerts
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
 from weibull_monitor.monitor.resume import ResumeMixin, state_step
+from weibull_monitor.monitor.steps import checked_step
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.frozen import frozen_alert
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
@@ -193,9 +196,15 @@ class WeibullMonitor(ResumeMixin):
 
     def observe(self, step: int) -> Snapshot | None:
         """Call once per optimizer step with the number of updates done so far. Returns the snapshot when
-        ``step % every == 0`` (and it was not taken yet), else None. Never raises for a failing snapshot: the
-        failure is logged once and training goes on."""
-        step = int(step)
+        ``step % every == 0`` (and it was not taken yet), else None. Never raises: a failing snapshot is logged
+        once and training goes on; a step that is no whole number 0 <= step < 2**63 (None, NaN, Inf, a string, a
+        bool, 10.9, -1) is ignored with one warning per kind (``monitor/steps.py``); 10.0 counts as step 10."""
+        step, refused = checked_step(step)
+        if step is None:
+            self._report_once(
+                f"step:{refused.split(' is ')[-1]}", f"weibull-monitor: observe() ignored {refused}"
+            )
+            return None
         if self._went_back(step):  # a rollback nobody announced: the monitor rewinds first (and warns)
             self._since_observe = []
         previous = self._last_seen_step
@@ -286,8 +295,7 @@ class WeibullMonitor(ResumeMixin):
     def _emit(self, snapshot: Snapshot, state: dict[str, Any] | None = None) -> None:
         if self._store_writer is not None:
             self._store_writer.write(snapshot, self.state_dict() if state is None else state)
-        for alert in snapshot.alerts:
-            logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
+        log_alerts(logger, snapshot.alerts, snapshot.step)  # a flood is summarised, never lost
         for sink in self._sinks:
             sink.log_metrics(dict(snapshot.aggregates), snapshot.step)  # a copy each: sinks may edit theirs
             for alert in snapshot.alerts:
@@ -296,7 +304,7 @@ class WeibullMonitor(ResumeMixin):
         if self.on_alert is not None:
             for alert in snapshot.alerts:
                 try:
-                    self.on_alert(alert)
+                    self.on_alert(frozen_alert(alert))  # read-only, as sinks get it
                 except Exception as error:
                     self._report_once(
                         "on_alert", f"weibull-monitor: on_alert callback raised {error!r}", exc=error

@@ -90,11 +90,15 @@ class ResumeMixin:
     def _init_resume(self) -> None:
         self.identity = writer_identity()
         self._recent_states: deque[tuple[int, dict[str, Any]]] = deque(maxlen=RECENT_STATES)
-        self._since_observe: list[Any] = []  # per-group rates of the updates the hook saw since the last observe
+        self._since_observe: list[
+            Any
+        ] = []  # per-group rates of the updates the hook saw since the last observe
         self._observed = False  # this monitor has observed a step itself (not only restored one)
         self._told_sinks: set[int] = set()  # fork steps the sinks already heard of
         self._takeover_reported: set[int] = set()
-        self.rewinds: list[dict[str, Any]] = []  # every resume/rewind this monitor made: step, reason, superseded
+        self.rewinds: list[
+            dict[str, Any]
+        ] = []  # every resume/rewind this monitor made: step, reason, superseded
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -283,7 +287,9 @@ class ResumeMixin:
         """Called by the store writer when a fork is written (now, or later after a busy store)."""
         step = int(result["fork_step"])
         quiet = result.get("implicit") and not any(s.get("n_snapshots") for s in result["superseded"])
-        if step not in self._told_sinks and not quiet:  # a writer's first branch that replaced nothing: no news
+        if (
+            step not in self._told_sinks and not quiet
+        ):  # a writer's first branch that replaced nothing: no news
             self._tell_sinks(step, result["superseded"])
         self._told_sinks.discard(step)
         if result.get("implicit"):

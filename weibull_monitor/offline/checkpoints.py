@@ -6,7 +6,6 @@ Nothing is read through a symlink or an index entry that leaves the directory na
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -17,7 +16,16 @@ from typing import Any
 
 import torch
 
-from weibull_monitor.offline.sources import LoaderError, Source, TensorInfo, format_for, formats
+from weibull_monitor.offline.sources import (
+    LoaderError,
+    Source,
+    TensorInfo,
+    UnsafeCheckpointError,
+    format_for,
+    formats,
+    read_json,
+    regular_file,
+)
 
 __all__ = ["Checkpoint", "open_checkpoints"]
 
@@ -89,6 +97,7 @@ _PREFERRED_WEIGHTS = (
 
 def _open_file(path: Path, root: Path, follow_symlinks: bool, config: dict | None) -> Checkpoint:
     real = _inside(root, path, follow_symlinks)
+    regular_file(real)
     name = path.name.lower()
     if name.endswith(".index.json"):
         return _open_index(path, root, follow_symlinks, config)
@@ -102,26 +111,58 @@ def _open_file(path: Path, root: Path, follow_symlinks: bool, config: dict | Non
     return Checkpoint(path, fmt.name, [source], config or source.config)
 
 
+class _Shard(Source):
+    """The tensors an index assigns to one shard file: nothing else the file holds, so a tensor stored in two
+    shards is read once, from the shard the index names."""
+
+    def __init__(self, source: Source, names: Iterable[str]) -> None:
+        self.source = source
+        self.names = set(names)
+        self.config = source.config
+        self.step = source.step
+
+    def infos(self) -> list[TensorInfo]:
+        return [info for info in self.source.infos() if info.name in self.names]
+
+    def tensors(self, names: set[str] | None) -> Iterator[tuple[TensorInfo, torch.Tensor | None]]:
+        yield from self.source.tensors(self.names if names is None else self.names & names)
+
+
 def _open_index(path: Path, root: Path, follow_symlinks: bool, config: dict | None) -> Checkpoint:
     real = _inside(root, path, follow_symlinks)
-    try:
-        weight_map = json.loads(real.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise LoaderError(f"{path}: not a sharded checkpoint index (no weight_map)") from exc
+    index = read_json(real, "a sharded checkpoint index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LoaderError(
+            f"{path}: not a sharded checkpoint index (no weight_map of tensor name -> shard file)"
+        )
     shards: dict[str, list[str]] = {}
     for tensor_name, shard in weight_map.items():
-        shards.setdefault(str(shard), []).append(str(tensor_name))
+        shards.setdefault(shard, []).append(tensor_name)
     sources: list[Source] = []
     missing: dict[str, str] = {}
+    opened: dict[Path, Source] = {}
     for shard, tensor_names in shards.items():
         shard_path = path.parent / shard
         if Path(shard).is_absolute() or ".." in Path(shard).parts:
             raise LoaderError(f"{path}: shard {shard!r} points outside the checkpoint directory")
+        if shard.lower().endswith(".index.json") or format_for(shard_path) is None:
+            raise LoaderError(
+                f"{path}: shard {shard!r} is not a weights file (an index may only name weights)"
+            )
         if not shard_path.exists():
             for tensor_name in tensor_names:
                 missing[tensor_name] = f"shard {shard} is missing (offloaded or not downloaded)"
             continue
-        sources.extend(_open_file(shard_path, root, follow_symlinks, config).sources)
+        real = _inside(root, shard_path, follow_symlinks)
+        if real not in opened:  # "a.safetensors" and "./a.safetensors" are one file, read once
+            opened[real] = _open_file(shard_path, root, follow_symlinks, config).sources[0]
+        source = opened[real]
+        present = {info.name for info in source.infos()}
+        for tensor_name in tensor_names:
+            if tensor_name not in present:
+                missing[tensor_name] = f"not found in shard {shard}, where the index says it is"
+        sources.append(_Shard(source, [n for n in tensor_names if n in present]))
     fmt = "safetensors-index" if path.name.endswith(".safetensors.index.json") else "torch-index"
     return Checkpoint(path, fmt, sources, config, missing=missing)
 
@@ -130,10 +171,7 @@ def _read_config(directory: Path, root: Path, follow_symlinks: bool) -> dict[str
     path = directory / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(_inside(root, path, follow_symlinks).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoaderError(f"{path}: not valid JSON ({exc})") from exc
+    config = read_json(_inside(root, path, follow_symlinks), "a model config")
     return config if isinstance(config, dict) else None
 
 
@@ -173,24 +211,25 @@ def _open_model_dir(directory: Path, root: Path, follow_symlinks: bool) -> Check
 def _step_of_dir(directory: Path, root: Path, follow_symlinks: bool) -> int | None:
     """The step of a series member: ``global_step`` of its trainer_state.json, else the number in its name.
 
-    A trainer_state.json that links out of the checkpoint is not read (the name decides, with a warning).
+    A trainer_state.json that links out of the checkpoint is not read (the name decides, with a warning); one that
+    cannot be read, or whose ``global_step`` is no whole number of steps (``true``, ``-3``, ``12.5``), neither.
     """
     state = directory / "trainer_state.json"
     if state.is_file():
         try:
-            state = _inside(root, state, follow_symlinks)
+            document = read_json(_inside(root, state, follow_symlinks), "a trainer state")
+            step = document.get("global_step") if isinstance(document, dict) else None
+            if _is_step(step):
+                return step
         except LoaderError as exc:
             warnings.warn(f"{exc}; taking the step from the directory name", stacklevel=2)
-            state = None
-    if state is not None and state.is_file():
-        try:
-            step = json.loads(state.read_text()).get("global_step")
-            if isinstance(step, int):
-                return step
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass
     match = _SERIES_DIR.match(directory.name)
-    return int(match.group(1)) if match else None
+    return int(match.group(1)) if match and _is_step(int(match.group(1))) else None
+
+
+def _is_step(value: object) -> bool:
+    """A step a store can hold: a whole number 0 <= step < 2**63 (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
 
 def _series_members(directory: Path, follow_symlinks: bool) -> list[tuple[int, Path]]:
@@ -202,7 +241,7 @@ def _series_members(directory: Path, follow_symlinks: bool) -> list[tuple[int, P
                 members.append((step, child))
         elif child.is_file() and child.name.lower().endswith((".ckpt", ".pt", ".pth", ".safetensors")):
             match = _STEP_IN_NAME.search(child.stem)
-            if match:
+            if match and _is_step(int(match.group(1))):
                 members.append((int(match.group(1)), child))
     members.sort(key=lambda m: (m[0], m[1].name))
     return members
@@ -219,7 +258,8 @@ def open_checkpoints(path: str | os.PathLike[str], *, follow_symlinks: bool = Fa
     target = Path(path)
     if not target.exists():
         raise LoaderError(f"{target}: no such file or directory")
-    if target.is_file():
+    if not target.is_dir():
+        regular_file(target)
         return [
             _open_file(
                 target,
@@ -238,13 +278,21 @@ def open_checkpoints(path: str | os.PathLike[str], *, follow_symlinks: bool = Fa
         parent_config = _read_config(target, root, follow_symlinks)
         for step, member in members:
             _inside(root, member, follow_symlinks)
-            if member.is_dir():
-                checkpoint = _open_model_dir(member, root, follow_symlinks)
-            else:
-                checkpoint = _open_file(member, root, follow_symlinks, parent_config)
+            try:
+                if member.is_dir():
+                    checkpoint = _open_model_dir(member, root, follow_symlinks)
+                else:
+                    checkpoint = _open_file(member, root, follow_symlinks, parent_config)
+            except UnsafeCheckpointError:
+                raise
+            except LoaderError as exc:  # a checkpoint still being written must not cost the whole series
+                warnings.warn(f"skipping step {step} of the series: {exc}", stacklevel=2)
+                continue
             if checkpoint.config is None:
                 checkpoint.config = parent_config
             checkpoint.step = step
             checkpoints.append(checkpoint)
+        if not checkpoints:
+            raise LoaderError(f"{target}: none of the {len(members)} checkpoints of the series could be read")
         return checkpoints
     return [_open_model_dir(target, root, follow_symlinks)]

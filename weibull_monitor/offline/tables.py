@@ -8,14 +8,15 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from weibull_monitor.models import COMPONENTS, expectations
 from weibull_monitor.offline.scan import JSON_FIELDS, ScanResult
+from weibull_monitor.offline.text import printable
 from weibull_monitor.snapshot import keys
 from weibull_monitor.snapshot.classes import class_members
 
-__all__ = ["expectation_for", "format_tables", "rows_to_csv", "rows_to_json"]
+__all__ = ["expectation_for", "format_tables", "rows_to_csv", "rows_to_json", "write_csv", "write_json"]
 
 
 def expectation_for(klass: str, component: str, attention_kind: str | None) -> tuple[Any, str]:
@@ -52,6 +53,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    headers = [printable(h) for h in headers]
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -79,7 +82,7 @@ def format_tables(results: Sequence[ScanResult]) -> str:
     out: list[str] = []
     last = results[-1]
     kind = last.attention_kind
-    header = f"{last.path}  ({last.format}"
+    header = f"{printable(last.path)}  ({last.format}"
     header += f", step {last.step}" if last.step is not None else ""
     header += f", attention: {kind or 'unknown'})"
     out.append(header)
@@ -121,7 +124,9 @@ def format_tables(results: Sequence[ScanResult]) -> str:
         "\nPer class (terminal medians in the paper; a young or fine-tuned model need not sit in them)"
     )
     out.append(
-        _table(["class", "n", "k median", "k min", "k max", "R2 median", "scale med", "paper", ""], rows)
+        _table(
+            ["class", "n", "k median", "k min", "k max", "R2 median", "scale med", "paper", "vs paper"], rows
+        )
     )
 
     # Per component.
@@ -152,7 +157,9 @@ def format_tables(results: Sequence[ScanResult]) -> str:
                 ]
             )
     out.append("\nPer component")
-    out.append(_table(["component", "class", "n", "k median", "stderr", "k min", "k max", "paper", ""], rows))
+    out.append(
+        _table(["component", "class", "n", "k median", "stderr", "k min", "k max", "paper", "vs paper"], rows)
+    )
 
     # Per layer: k of each component (median over experts/stacks), the paper's band in the header row.
     layered = [r for r in fitted if r["layer"] is not None]
@@ -193,7 +200,7 @@ def format_tables(results: Sequence[ScanResult]) -> str:
     if skipped:
         out.append("\nSkipped")
         out.extend(
-            f"  {name}{f' (step {step})' if step is not None else ''}: {reason}"
+            f"  {printable(name)}{f' (step {step})' if step is not None else ''}: {printable(reason)}"
             for step, name, reason in skipped[:50]
         )
         if len(skipped) > 50:
@@ -205,17 +212,48 @@ def all_rows(results: Sequence[ScanResult]) -> list[dict[str, Any]]:
     return [row for res in results for row in res.rows]
 
 
+def write_json(results: Sequence[ScanResult], stream: TextIO) -> None:
+    """A JSON list of row objects (``JSON_FIELDS``), one object per line, written as it goes (no copy of the whole
+    output in memory: 100,000 rows are 30 MB); nan becomes null, ``step`` is null for a single checkpoint."""
+    stream.write("[")
+    separator = "\n"
+    for row in all_rows(results):
+        stream.write(separator + json.dumps(row, allow_nan=False))
+        separator = ",\n"
+    stream.write("\n]\n")
+
+
 def rows_to_json(results: Sequence[ScanResult]) -> str:
-    """A JSON list of row objects (``JSON_FIELDS``); nan becomes null, ``step`` is null for a single checkpoint."""
-    return json.dumps(all_rows(results), indent=1, allow_nan=False)
-
-
-def rows_to_csv(results: Sequence[ScanResult]) -> str:
+    """:func:`write_json` into a string."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(JSON_FIELDS), lineterminator="\n")
+    write_json(results, buffer)
+    return buffer.getvalue()
+
+
+def write_csv(results: Sequence[ScanResult], stream: TextIO) -> None:
+    """The rows as CSV, written as it goes; text fields (names, paths, reasons) with control characters escaped,
+    since CSV is often read on a terminal."""
+    writer = csv.DictWriter(stream, fieldnames=list(JSON_FIELDS), lineterminator="\n")
     writer.writeheader()
     for row in all_rows(results):
         writer.writerow(
-            {k: ("" if v is None else "x".join(map(str, v)) if k == "shape" else v) for k, v in row.items()}
+            {
+                k: (
+                    ""
+                    if v is None
+                    else "x".join(map(str, v))
+                    if k == "shape"
+                    else printable(v)
+                    if isinstance(v, str)
+                    else v
+                )
+                for k, v in row.items()
+            }
         )
+
+
+def rows_to_csv(results: Sequence[ScanResult]) -> str:
+    """:func:`write_csv` into a string."""
+    buffer = io.StringIO()
+    write_csv(results, buffer)
     return buffer.getvalue()

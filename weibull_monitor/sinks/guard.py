@@ -5,7 +5,9 @@ dashboard. Faults are reported per episode: the first failure is logged with its
 failures are only counted, and the first success afterwards logs the recovery. A call that has not returned
 after ``timeout`` seconds is reported as a hang; while it hangs new calls queue up to ``queue_size`` and are
 dropped (and counted) beyond that. Sinks with ``run_in_thread = False`` are called inline: exceptions are
-still contained, but a hang there cannot be bounded.
+still contained, but a hang there cannot be bounded. A sink that calls ``sys.exit()`` is a failing sink like any
+other (its worker keeps serving later calls). Snapshots and alerts reach the sink as read-only views
+(:mod:`weibull_monitor.sinks.frozen`): a sink cannot change what the store and the other sinks see.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from typing import Any
 
 from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.frozen import frozen_alert, frozen_snapshot
 
 logger = logging.getLogger("weibull_monitor.sinks")
 
@@ -65,10 +68,10 @@ class GuardedSink(Sink):
         self._submit("log_metrics", (metrics, step))
 
     def log_alert(self, alert: Any) -> None:
-        self._submit("log_alert", (alert,))
+        self._submit("log_alert", (frozen_alert(alert),))
 
     def log_snapshot(self, snapshot: Any) -> None:
-        self._submit("log_snapshot", (snapshot,))
+        self._submit("log_snapshot", (frozen_snapshot(snapshot),))
 
     def rewind(self, step: int, superseded: Any = ()) -> None:
         # duck-typed sinks without rewind() take the resumed points as they come
@@ -160,17 +163,23 @@ class GuardedSink(Sink):
                 return
             method, args = item
             try:
-                self._call(method, args)
+                self._call(method, args, contain=BaseException)
+            except BaseException:  # pragma: no cover - _call contains everything; the worker must outlive it
+                pass
             finally:
                 with self._cond:
                     self._pending -= 1
                     self._cond.notify_all()
 
-    def _call(self, method: str, args: tuple) -> None:
+    def _call(
+        self, method: str, args: tuple, contain: type[BaseException] | tuple = (Exception, SystemExit)
+    ) -> None:
+        """Call the sink; what it raises is contained: on the worker thread anything (a ``sys.exit()`` there used
+        to end the worker silently, every later call lost), inline everything but KeyboardInterrupt."""
         self._busy_method, self._busy_since = method, time.monotonic()
         try:
             getattr(self.sink, method)(*args)
-        except Exception as exc:
+        except contain as exc:
             self.failures += 1
             if method not in self._faulty:
                 self._faulty[method] = 0

@@ -32,6 +32,13 @@ from typing import Any
 from weibull_monitor._version import __version__
 from weibull_monitor.plain_data import json_dumps, sql_value
 from weibull_monitor.store import branches as branch_ops
+from weibull_monitor.store.access import (
+    StoreError,
+    check_step,
+    check_writable,
+    open_read_only,
+    stored_version,
+)
 from weibull_monitor.store.readers import StoreReaders
 from weibull_monitor.store.schema import (
     FIT_COLUMNS,
@@ -44,10 +51,6 @@ from weibull_monitor.store.schema import (
 )
 
 __all__ = ["RunStore", "StoreError", "WriteResult"]
-
-
-class StoreError(RuntimeError):
-    """The store file cannot be used (e.g. written by a newer version of weibull-monitor)."""
 
 
 class WriteResult(enum.IntEnum):
@@ -63,23 +66,49 @@ class RunStore(StoreReaders):
 
     ``timeout`` (seconds) bounds how long a write waits for a lock held by another process before it fails
     (the monitor then keeps the snapshot in memory and retries at the next one).
+
+    ``read_only=True`` (readers: ``report``, notebooks) opens an existing store without changing anything in or
+    beside the file: no table created, no WAL switch; StoreError for a file that is no run store. A writer refuses
+    a database of another application (StoreError) rather than adding its tables to it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 1.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 1.0, read_only: bool = False
+    ) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = bool(read_only)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            str(path), timeout=timeout, check_same_thread=False, isolation_level=None
-        )
+        if self.read_only:
+            self._conn = open_read_only(self.path, timeout, SCHEMA_VERSION)
+            self._conn.row_factory = sqlite3.Row
+            return
+        try:
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                str(path), timeout=timeout, check_same_thread=False, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"{path}: cannot be opened as a run store ({exc})") from None
         self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL + NORMAL: durable at checkpoints, never corrupt
-            self._init_schema()
+        try:
+            with self._lock:
+                check_writable(self._conn, self.path)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute(
+                    "PRAGMA synchronous=NORMAL"
+                )  # WAL + NORMAL: durable at checkpoints, never corrupt
+                self._init_schema()
+        except (
+            sqlite3.DatabaseError
+        ) as exc:  # a file that is no SQLite database, ...; a lock is only transient
+            self._conn.close()
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise
+            raise StoreError(f"{path}: cannot be used as a run store ({exc})") from None
+        except StoreError:
+            self._conn.close()
+            raise
 
     # ---------------------------------------------------------------------------------------------- schema
 
@@ -89,8 +118,7 @@ class RunStore(StoreReaders):
             "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
         ).fetchone()
         if existing:
-            row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            version = row[0] if row else None
+            version = stored_version(self._conn, self.path)
             if version is not None and version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} has store schema version {version}; this weibull-monitor reads up to "
@@ -217,9 +245,10 @@ class RunStore(StoreReaders):
         ``branch``: the writer's branch (None: the run's live branch). The live branch writes to the live
         timeline; a branch another writer has replaced writes to the superseded tables (kept, marked, outside the
         live timeline). Returns :class:`WriteResult` (``DUPLICATE``, false, when the target already has that step,
-        writing nothing). ``dashboards`` updates where the branch's sinks write.
+        writing nothing). ``dashboards`` updates where the branch's sinks write. ValueError (writing nothing) for
+        a step SQLite cannot hold.
         """
-        step = int(snapshot.step)
+        step = check_step(snapshot.step)
         fit_rows = []
         stats = getattr(snapshot, "matrices", {}) or {}
         for key, fit in snapshot.fits.items():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from weibull_monitor.store.access import check_step
 from weibull_monitor.store.run_store import RunStore, WriteResult
 
 __all__ = ["StoreWriter"]
@@ -21,7 +22,14 @@ logger = logging.getLogger("weibull_monitor.store")
 
 
 # Errors that say "this snapshot cannot be stored" rather than "the file cannot be written now".
-_DATA_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError, TypeError, ValueError)
+_DATA_ERRORS = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    TypeError,
+    ValueError,
+    OverflowError,  # a number SQLite cannot hold (a step of 10**19): that snapshot only, never the ones after it
+)
 
 
 @dataclass
@@ -101,7 +109,14 @@ class StoreWriter:
 
     def write(self, snapshot: Any, state: Mapping[str, Any] | None = None) -> bool:
         """Queue ``snapshot`` (with the monitor ``state`` to save beside it) and write everything pending.
-        True when nothing is left pending."""
+        True when nothing is left pending. A step the store cannot hold is dropped here, with the reason logged:
+        it must neither start a branch nor block the snapshots after it."""
+        try:
+            check_step(snapshot.step)
+        except ValueError as error:
+            self.rejected += 1
+            logger.warning("store rejected the snapshot of step %s (%s); it is dropped", snapshot.step, error)
+            return self.retry()
         if self.branch is None and not any(isinstance(item, _Fork) for item in self.pending):
             # this writer's first snapshot starts its branch: anything live from this step on is another
             # writer's (a concurrent one, or an abandoned timeline) and is superseded

@@ -30,7 +30,7 @@ from weibull_monitor.estimator.histogram.codes import (
     union,
     zero_span,
 )
-from weibull_monitor.estimator.protocol import readable_tensor
+from weibull_monitor.estimator.protocol import readable_tensor, storage_order
 
 try:  # the optional compiled kernel (built by setup.py when a C compiler is present)
     from weibull_monitor.estimator.histogram import _codecount
@@ -106,7 +106,9 @@ def codes_of(chunk: torch.Tensor) -> torch.Tensor:
 
 
 def chunks(t: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Views of ``t`` of about ``size`` elements each (no copy, any strides; >2-D tensors are taken flattened)."""
+    """Views of ``t`` of about ``size`` elements each (no copy, any strides; >2-D tensors are taken flattened), in
+    memory order where ``t`` is a permuted dense block (:func:`storage_order`: counts do not depend on order)."""
+    t = storage_order(t)
     numel = t.numel()
     if t.dim() == 0:
         return [t.reshape(1)]

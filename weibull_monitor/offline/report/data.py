@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["ReportError", "RunData", "load_run"]
+__all__ = ["FitRow", "ReportError", "RunData", "load_run"]
+
+#: The columns of a stored fit the figures read; a report keeps only these, one step at a time, so a store of
+#: 10,000 layers x many steps is drawn in bounded memory (whole rows of every fit took gigabytes).
+FIT_COLUMNS = (
+    "name",
+    "step",
+    "layer",
+    "component",
+    "klass",
+    "fused_parent",
+    "ok",
+    "k",
+    "scale",
+    "lr",
+    "weight_decay",
+)
 
 
 class ReportError(ValueError):
-    """The store holds nothing to draw (no such run, no snapshots yet)."""
+    """The store holds nothing to draw (no such run, no snapshots yet), or the report cannot be written."""
+
+
+class FitRow(NamedTuple):
+    """The fields of one stored fit the report uses (a store row holds some forty)."""
+
+    name: str
+    step: int
+    layer: int | None
+    component: str
+    klass: str
+    fused_parent: str | None
+    ok: bool
+    k: float | None
+    scale: float | None
+    lr: float | None
+    weight_decay: float | None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> FitRow:
+        return cls._make([row.get(column) for column in FIT_COLUMNS])
 
 
 class RunData:
@@ -30,7 +66,7 @@ class RunData:
         self.name = str(run["name"])
         self.snapshots = snapshots
         self.steps = [int(s["step"]) for s in snapshots]
-        self.fits = [f for f in fits if f.get("ok")]
+        self.fits = [f for f in fits if f.ok]
         self.all_fits = fits
         self.alerts = alerts
         self.metrics: dict[str, dict[int, float]] = {}
@@ -72,7 +108,8 @@ class RunData:
 
 
 def load_run(store: Any, run: dict[str, Any], *, branches: bool = True) -> RunData:
-    """One run's live timeline; with ``branches``, also its rewinds and the abandoned branches' aggregates."""
+    """One run's live timeline, its fits read one snapshot at a time and kept as :class:`FitRow`; with
+    ``branches``, also its rewinds and the abandoned branches' aggregates."""
     run_id = run["run_id"]
     rewinds = store.rewinds(run_id) if hasattr(store, "rewinds") else []
     abandoned: dict[int, list[dict]] = {}
@@ -84,12 +121,8 @@ def load_run(store: Any, run: dict[str, Any], *, branches: bool = True) -> RunDa
             start = min(int(r["rewind_step"]) for r in rows)
             rows += [r for r in store.aggregates(run_id, step=start) if r["value"] is not None]
             abandoned[branch] = rows
+    snapshots = store.snapshots(run_id)
+    fits = [FitRow.of(row) for snap in snapshots for row in store.fits(step=snap["step"], run_id=run_id)]
     return RunData(
-        run,
-        store.snapshots(run_id),
-        store.fits(run_id=run_id),
-        store.aggregates(run_id=run_id),
-        store.alerts(run_id),
-        rewinds,
-        abandoned,
+        run, snapshots, fits, store.aggregates(run_id=run_id), store.alerts(run_id), rewinds, abandoned
     )

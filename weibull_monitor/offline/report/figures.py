@@ -16,6 +16,9 @@ from weibull_monitor.sinks.heatmap import Cells, draw_k_heatmap, k_cells
 from weibull_monitor.snapshot import keys
 
 __all__ = [
+    "MAX_HEATMAP_COLUMNS",
+    "MAX_HEATMAP_ROWS",
+    "bounded_cells",
     "fig_alerts",
     "fig_class_medians",
     "fig_components",
@@ -79,20 +82,55 @@ def _bands(ax: Any, attention_kind: str | None, horizontal: bool = True) -> None
 def _k_cells(data: RunData) -> Cells:
     """component -> {(layer, step): median k over the matrices of that layer and component}."""
     return k_cells(
-        (f["component"], int(f["layer"]), int(f["step"]), float(f["k"]))
+        (f.component, int(f.layer), int(f.step), float(f.k))
         for f in data.fits
-        if f["layer"] is not None and f["k"] is not None
+        if f.layer is not None and f.k is not None
     )
 
 
+#: The heatmap draws at most this many layer rows and step columns per panel; beyond, neighbouring layers (steps)
+#: are grouped and each cell is the median over its group (a 10,000-layer store gave a 460 x 250,220 px figure).
+MAX_HEATMAP_ROWS = 64
+MAX_HEATMAP_COLUMNS = 400
+
+
+def _groups(values: Sequence[int], limit: int) -> tuple[dict[int, int], int]:
+    """value -> the first value of its group of consecutive sorted values, at most ``limit`` groups; group size."""
+    ordered = sorted(set(values))
+    size = max(1, math.ceil(len(ordered) / limit))
+    return {v: ordered[i - i % size] for i, v in enumerate(ordered)}, size
+
+
+def bounded_cells(cells: Cells, steps: Sequence[int]) -> tuple[Cells, list[int], int, int]:
+    """``cells`` with layers and steps grouped so that a panel has at most MAX_HEATMAP_ROWS x MAX_HEATMAP_COLUMNS
+    cells (median k over each group); the grouped steps, and the layer and step group sizes (1: not grouped)."""
+    layer_of, layer_size = _groups([layer for c in cells.values() for layer, _ in c], MAX_HEATMAP_ROWS)
+    step_of, step_size = _groups(steps, MAX_HEATMAP_COLUMNS)
+    if layer_size == 1 and step_size == 1:
+        return cells, sorted(set(steps)), 1, 1
+    merged: dict[str, dict[tuple[int, int], list[float]]] = {}
+    for panel, panel_cells in cells.items():
+        target = merged.setdefault(panel, {})
+        for (layer, step), k in panel_cells.items():
+            if step in step_of:
+                target.setdefault((layer_of[layer], step_of[step]), []).append(k)
+    grouped = {p: {cell: statistics.median(ks) for cell, ks in c.items()} for p, c in merged.items()}
+    return grouped, sorted(set(step_of.values())), layer_size, step_size
+
+
 def fig_k_heatmap(data: RunData, path: Path) -> None:
-    cells = _k_cells(data)
+    cells, steps, layer_size, step_size = bounded_cells(_k_cells(data), data.steps)
     panels = _component_order(list(cells))
     layers = {layer for c in cells.values() for layer, _ in c}
     rows = max(1, math.ceil(len(panels) / 4))
     fig = _figure(3.6 * min(4, max(1, len(panels))) + 1, 0.25 * len(layers) * rows + 1.6 * rows + 0.6)
-    draw_k_heatmap(fig, {c: cells[c] for c in panels}, data.steps, anchor_k())
-    fig.suptitle(f"{data.title}: Weibull shape k per layer and step")
+    draw_k_heatmap(fig, {c: cells[c] for c in panels}, steps, anchor_k())
+    grouped = [
+        f"{layer_size} layers" if layer_size > 1 else "",
+        f"{step_size} steps" if step_size > 1 else "",
+    ]
+    note = f" (median over groups of {' and '.join(g for g in grouped if g)})" if any(grouped) else ""
+    fig.suptitle(f"{data.title}: Weibull shape k per layer and step{note}")
     fig.savefig(path)
 
 
@@ -130,7 +168,9 @@ def _plot_abandoned(ax: Any, data: RunData, metric: str, colour: str, t_axis: bo
 
 
 def _legend_abandoned(ax: Any) -> None:
-    ax.plot([], [], color="#777777", alpha=0.5, ls="--", marker="x", ms=3, label="abandoned branch (superseded)")
+    ax.plot(
+        [], [], color="#777777", alpha=0.5, ls="--", marker="x", ms=3, label="abandoned branch (superseded)"
+    )
 
 
 def _mark_alerts(ax: Any, data: RunData) -> None:
@@ -159,7 +199,9 @@ def fig_class_medians(data: RunData, path: Path) -> None:
         if steps:
             ax.plot(steps, ks, marker="o", ms=3, color=KLASS_COLOURS[klass], label=f"{klass} median k")
             drawn = True
-        abandoned = _plot_abandoned(ax, data, keys.class_metric(klass, "k_median"), KLASS_COLOURS[klass]) or abandoned
+        abandoned = (
+            _plot_abandoned(ax, data, keys.class_metric(klass, "k_median"), KLASS_COLOURS[klass]) or abandoned
+        )
     if abandoned:
         _legend_abandoned(ax)
     _mark_alerts(ax, data)
@@ -202,19 +244,12 @@ def fig_scale(data: RunData, path: Path) -> None:
     # λ of W_o and the FFN (the paper's quantity) against √(η/λ_wd), one point per snapshot.
     points: dict[int, tuple[list[float], list[float]]] = {}
     for f in data.fits:
-        lr, wd = f.get("lr"), f.get("weight_decay")
-        if (
-            f["klass"] != "transmission"
-            or lr is None
-            or wd is None
-            or lr <= 0
-            or wd <= 0
-            or f["scale"] is None
-        ):
+        lr, wd = f.lr, f.weight_decay
+        if f.klass != "transmission" or lr is None or wd is None or lr <= 0 or wd <= 0 or f.scale is None:
             continue
-        xs, ys = points.setdefault(int(f["step"]), ([], []))
+        xs, ys = points.setdefault(int(f.step), ([], []))
         xs.append(math.sqrt(lr / wd))
-        ys.append(float(f["scale"]))
+        ys.append(float(f.scale))
     if points:
         steps = sorted(points)
         x = [statistics.mean(points[s][0]) for s in steps]
@@ -320,9 +355,9 @@ def fig_components(data: RunData, path: Path) -> None:
     ax = fig.add_subplot()
     by_component: dict[str, list[float]] = {}
     for f in data.fits:
-        if f["k"] is not None:
-            label = f["component"] + ("*" if f["fused_parent"] else "")
-            by_component.setdefault(label, []).append(float(f["k"]))
+        if f.k is not None:
+            label = f.component + ("*" if f.fused_parent else "")
+            by_component.setdefault(label, []).append(float(f.k))
     labels = _component_order([c.rstrip("*") for c in by_component])
     ordered = [c for base in labels for c in (base, base + "*") if c in by_component]
     if not ordered:

@@ -17,10 +17,13 @@ from the network. Inputs that do not exist (no learning rate in a scan, no weigh
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
+from typing import Any
 
 from weibull_monitor._version import __version__
 from weibull_monitor.models import expectations
+from weibull_monitor.offline.memory import no_cyclic_gc
 from weibull_monitor.offline.report.data import ReportError, RunData, load_run
 from weibull_monitor.offline.report.figures import (
     KLASSES,
@@ -113,7 +116,7 @@ def _summary_rows(data: RunData) -> list[str]:
 def _run_section(data: RunData, figures: list[tuple[str, str]]) -> str:
     parts = [f'<section id="{html.escape(data.slug)}"><h2>Run: {html.escape(data.name)}</h2>']
     steps = f"{data.steps[0]} to {data.steps[-1]} ({len(data.steps)} snapshots)" if data.steps else "none"
-    matrices = len({f["name"] for f in data.all_fits})
+    matrices = len({f.name for f in data.all_fits})
     meta = [
         ("steps", steps if not data.single else "a single snapshot (a scan of one checkpoint)"),
         ("matrices", str(matrices)),
@@ -167,16 +170,53 @@ def _run_section(data: RunData, figures: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
+def _save(draw: Any, data: RunData, path: Path) -> None:
+    """Draw a figure into ``path`` through a temporary file renamed into place: a full disk or a failing draw
+    leaves no truncated PNG behind (ReportError saying why)."""
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        draw(data, temporary)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _out_dir(out: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be one."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"{out}: exists and is not a directory; choose another output folder (-o)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+
+
 def write_report(
     store_path: str | Path, out_dir: str | Path, run: str | int | None = None, *, branches: bool = True
 ) -> Path:
     """Draw the figures of every run in ``store_path`` (or only ``run``, a name or id) into ``out_dir``.
 
     The figures follow each run's live timeline; rewinds are marked on the step axes, and with ``branches`` the
-    abandoned (superseded) branches are drawn faintly beside the live one.
-
-    Returns the path of ``index.html``. Raises FileNotFoundError for a missing store, ValueError for an unknown run
-    or an empty store (ReportError), ImportError (with the pip line) when matplotlib is missing.
+    abandoned (superseded) branches are drawn faintly beside the live one. The store is opened read-only: nothing
+    in it or beside it changes (StoreError when it is no run store).
+    Returns the path of ``index.html``. Raises FileNotFoundError for a missing store, ReportError (a ValueError)
+    for an unknown run, an empty store or an output folder that cannot be written, ImportError (with the pip
+    line) when matplotlib is missing. Figures are written whole or not at all; names in titles are drawn as text
+    (a run named ``lr=$1e-3$`` is no mathtext).
     """
     try:
         import matplotlib
@@ -185,11 +225,10 @@ def write_report(
     except ImportError as exc:
         raise ImportError("report needs matplotlib: pip install 'weibull-monitor[plot]'") from exc
     store_path = Path(store_path)
-    if not store_path.is_file():
+    if not store_path.exists():
         raise FileNotFoundError(f"{store_path}: no such run store")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunStore(store_path) as store:
+    with no_cyclic_gc(), RunStore(store_path, read_only=True) as store:  # many small records, no cycles
         runs = store.runs()
         if run is not None:
             runs = [r for r in runs if str(r["run_id"]) == str(run) or r["name"] == str(run)]
@@ -199,15 +238,17 @@ def write_report(
     datas = [d for d in datas if d.steps]
     if not datas:
         raise ReportError(f"{store_path}: no snapshots recorded yet")
+    _out_dir(out)
 
     sections = []
-    for data in datas:
-        figures = []
-        for key, draw, caption in _SINGLE_FIGURES if data.single else _SERIES_FIGURES:
-            filename = f"{data.slug}_{key}.png"
-            draw(data, out / filename)
-            figures.append((filename, caption))
-        sections.append(_run_section(data, figures))
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        for data in datas:
+            figures = []
+            for key, draw, caption in _SINGLE_FIGURES if data.single else _SERIES_FIGURES:
+                filename = f"{data.slug}_{key}.png"
+                _save(draw, data, out / filename)
+                figures.append((filename, caption))
+            sections.append(_run_section(data, figures))
     title = f"weibull-monitor report: {store_path.name}"
     toc = "".join(f'<li><a href="#{html.escape(d.slug)}">{html.escape(d.name)}</a></li>' for d in datas)
     page = (
@@ -221,5 +262,5 @@ def write_report(
         f"<ul>{toc}</ul>\n" + "\n".join(sections) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    _write_text(index, page)
     return index

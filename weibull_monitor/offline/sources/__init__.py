@@ -3,6 +3,9 @@
 
 from weibull_monitor.offline.sources import gguf, safetensors, torch_file
 from weibull_monitor.offline.sources.base import (
+    MAX_JSON_BYTES,
+    MAX_NESTING,
+    MAX_TENSORS,
     CheckpointFormat,
     LoaderError,
     Source,
@@ -10,10 +13,16 @@ from weibull_monitor.offline.sources.base import (
     UnsafeCheckpointError,
     format_for,
     formats,
+    parse_json,
+    read_json,
     register_format,
+    regular_file,
 )
 
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_NESTING",
+    "MAX_TENSORS",
     "CheckpointFormat",
     "LoaderError",
     "Source",
@@ -22,7 +31,10 @@ __all__ = [
     "format_for",
     "formats",
     "gguf",
+    "parse_json",
+    "read_json",
     "register_format",
+    "regular_file",
     "safetensors",
     "torch_file",
 ]

@@ -7,6 +7,9 @@ one :func:`register_format` call.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_NESTING",
+    "MAX_TENSORS",
     "CheckpointFormat",
     "LoaderError",
     "Source",
@@ -22,8 +28,18 @@ __all__ = [
     "UnsafeCheckpointError",
     "format_for",
     "formats",
+    "parse_json",
+    "read_json",
     "register_format",
+    "regular_file",
 ]
+
+#: Budgets that keep a small hostile file from costing minutes or gigabytes: tensors per checkpoint (a scan fits
+#: ~100,000 small matrices in seconds), container nesting in a PyTorch file, and the size of a JSON side file
+#: (index, config, trainer state).
+MAX_TENSORS = 1_000_000
+MAX_NESTING = 64
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 class LoaderError(ValueError):
@@ -51,6 +67,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
+        """A real floating-point dtype torch knows (every float8 variant included)."""
         return self.dtype in FLOAT_DTYPE_NAMES
 
     @property
@@ -61,7 +78,75 @@ class TensorInfo:
         return n
 
 
-FLOAT_DTYPE_NAMES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+#: Names of every real floating-point dtype of this torch (fp64 ... bf16 and every float8 variant, fnuz included;
+#: not the packed float4 pairs, which hold two values per element).
+FLOAT_DTYPE_NAMES = frozenset(
+    name
+    for name in dir(torch)
+    if isinstance(getattr(torch, name, None), torch.dtype)
+    and getattr(torch, name).is_floating_point
+    and "float4" not in name
+)
+
+
+def regular_file(path: Path) -> None:
+    """LoaderError unless ``path`` (symlinks followed) is a regular file: a FIFO would block ``open`` forever, a
+    device never end, a directory fail deep inside a loader."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise LoaderError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise LoaderError(f"{path}: is {kind}, not a regular file; only regular files are read")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses what strict parsers refuse (duplicate keys, NaN/Infinity) and turns every way a
+    document can be malformed (too deep, a number too long) into ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason})") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document in a regular file of at most MAX_JSON_BYTES; LoaderError saying ``what`` it should be."""
+    regular_file(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise LoaderError(f"{path}: {size} bytes is too large for {what} (limit {MAX_JSON_BYTES})")
+    try:
+        return parse_json(path.read_bytes())
+    except ValueError as exc:
+        raise LoaderError(f"{path}: not valid JSON for {what} ({exc})") from None
+    except OSError as exc:
+        raise LoaderError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 class Source:

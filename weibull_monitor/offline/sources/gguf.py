@@ -12,6 +12,7 @@ import torch
 
 from weibull_monitor.offline.memory import drop_pages
 from weibull_monitor.offline.sources.base import (
+    MAX_TENSORS,
     CheckpointFormat,
     LoaderError,
     Source,
@@ -67,9 +68,24 @@ class GGUFSource(Source):
         self._gguf = gguf
         try:
             self.reader = gguf.GGUFReader(str(path), "r")
-        except (ValueError, OSError, KeyError) as exc:
-            raise LoaderError(f"{path}: not a readable GGUF file ({exc})") from exc
+        except (
+            Exception
+        ) as exc:  # the reader parses untrusted counts, lengths and types: any failure is the file's
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise LoaderError(
+                f"{path}: not a readable GGUF file ({type(exc).__name__}{': ' + detail if detail else ''})"
+            ) from None
+        # A file written for the other byte order: the reader swaps the header, not the tensor data.
+        self.swapped = getattr(self.reader, "byte_order", "I") == "S"
+        if len(self.reader.tensors) > MAX_TENSORS:
+            raise LoaderError(
+                f"{path}: {len(self.reader.tensors)} tensors, more than the limit of {MAX_TENSORS}"
+            )
         self.config = self._config()
+        try:
+            self._infos = [self._info(tensor) for tensor in self.reader.tensors]
+        except Exception as exc:
+            raise LoaderError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
 
     def _field(self, key: str) -> Any:
         entry = self.reader.fields.get(key)
@@ -77,7 +93,7 @@ class GGUFSource(Source):
             return None
         try:
             return entry.contents()
-        except (AttributeError, IndexError, ValueError):  # pragma: no cover - older gguf
+        except Exception:  # an older gguf, or a value of a type the reader cannot decode: no such field
             return None
 
     def _config(self) -> dict[str, Any]:
@@ -91,44 +107,66 @@ class GGUFSource(Source):
             ("feed_forward_length", "intermediate_size"),
         ):
             value = self._field(f"{arch}.{gguf_key}")
-            if isinstance(value, int):
+            if isinstance(value, int) and not isinstance(value, bool):
                 config[hf_key] = value
         return config
 
-    def infos(self) -> list[TensorInfo]:
-        out = []
-        for tensor in self.reader.tensors:
-            shape = tuple(
-                int(d) for d in reversed(tensor.shape.tolist())
-            )  # GGUF stores the fastest axis first
-            qtype = self._gguf.GGMLQuantizationType(tensor.tensor_type)
-            dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(qtype.name)
-            if dtype is None:
-                dtype = "float32" if qtype.name not in ("I8", "I16", "I32", "I64") else qtype.name.lower()
-            out.append(TensorInfo(tensor.name, shape, dtype, gguf_to_hf_name(tensor.name), None))
-        return out
+    def _info(self, tensor: Any) -> TensorInfo:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF stores the fastest axis first
+        qtype = self._gguf.GGMLQuantizationType(tensor.tensor_type)
+        dtype = _PLAIN_TYPES.get(qtype.name)
+        reason = None
+        if dtype is None:
+            dtype = "float32" if qtype.name not in ("I8", "I16", "I32", "I64") else qtype.name.lower()
+            if self.swapped and dtype == "float32":
+                reason = f"{qtype.name} blocks of a big-endian GGUF file are not read (only F32/F16/BF16/F64)"
+        return TensorInfo(tensor.name, shape, dtype, gguf_to_hf_name(tensor.name), reason)
 
-    def tensors(self, names: set[str] | None) -> Iterator[tuple[TensorInfo, torch.Tensor | None]]:
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def _values(self, tensor: Any, info: TensorInfo) -> Any:
+        """The tensor's values as a native-order numpy array of ``info.shape`` (a copy: never a view of the map)."""
         import numpy as np
 
-        for info, tensor in zip(self.infos(), self.reader.tensors):
+        qtype = self._gguf.GGMLQuantizationType(tensor.tensor_type).name
+        data = tensor.data
+        if qtype in ("F32", "F16", "F64"):
+            # the reader types the map in the file's byte order; astype to the native order swaps when needed
+            values = np.asarray(data).astype(data.dtype.newbyteorder("="))
+        elif qtype == "BF16":
+            words = np.asarray(data).view(np.uint16)
+            values = (words.byteswap() if self.swapped else words.copy()).view(np.int16)
+        else:
+            values = self._gguf.quants.dequantize(data, tensor.tensor_type)
+        return np.ascontiguousarray(values).reshape(info.shape)
+
+    def tensors(self, names: set[str] | None) -> Iterator[tuple[TensorInfo, torch.Tensor | None]]:
+        for info, tensor in zip(self._infos, self.reader.tensors):
             if names is not None and info.name not in names:
                 continue
-            try:
-                values = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            except (NotImplementedError, ValueError, KeyError) as exc:
-                skipped = TensorInfo(
-                    info.name, info.shape, info.dtype, info.role_name, f"cannot dequantise: {exc}"
-                )
-                yield skipped, None
+            if info.skip_reason is not None:
+                yield info, None
                 continue
-            array = np.ascontiguousarray(values).reshape(info.shape)
-            if not array.flags.writeable:  # unquantised tensors come back as read-only views of the file map
+            try:
+                array = self._values(tensor, info)
+            except Exception as exc:  # a type gguf cannot dequantise, data shorter than its shape, ...
+                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                yield (
+                    TensorInfo(info.name, info.shape, info.dtype, info.role_name, f"cannot read: {detail}"),
+                    None,
+                )
+                continue
+            if not array.flags.writeable:
                 array = array.copy()
-            yield info, torch.from_numpy(array)
+            values = torch.from_numpy(array)
+            yield info, values.view(torch.bfloat16) if info.dtype == "bfloat16" else values
             del values, array
             data = tensor.data
             drop_pages(data.ctypes.data, data.nbytes)
+
+
+_PLAIN_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 register_format(CheckpointFormat("gguf", (".gguf",), GGUFSource))
