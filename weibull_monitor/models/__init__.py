@@ -6,11 +6,13 @@ Pipeline inside: ``components`` (the vocabulary: components, classes, Role) -> `
 split_fused) and ``attention`` (attention kind); ``expectations`` holds the paper's reference bands. docs/roles.md.
 """
 
+from weibull_monitor.models import layout_table  # noqa: F401  (registers the built-in layouts)
 from weibull_monitor.models.attention import attention_kind, selection_expectation_for
 from weibull_monitor.models.components import COMPONENTS, KLASS_OF_COMPONENT, Role, split_key, view_role
 from weibull_monitor.models.layouts import (
     FusedLayout,
     LayoutQuery,
+    find_layout,
     register_layout,
     registered_layouts,
     split_fused,
@@ -26,6 +28,7 @@ __all__ = [
     "UnknownWeightsWarning",
     "attention_kind",
     "classify",
+    "find_layout",
     "fused_components",
     "model_roles",
     "register_layout",
