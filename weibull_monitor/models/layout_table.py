@@ -25,13 +25,59 @@ Split = Callable[[torch.Tensor, LayoutQuery, bool], dict[str, torch.Tensor]]
 VERIFIED: dict[str, frozenset[str | None]] = {
     "gate_up.chunk": frozenset(
         {
-            "afmoe", "axk1", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
-            "deepseek_v4", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm", "glm4", "glm4_moe", "glm4_moe_lite",
-            "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hy_v3", "hy_v4",
-            "inkling_text", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe",
-            "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral",
-            "modernbert-decoder", "moshi", "olmoe", "phi3", "phi4_multimodal", "phimoe", "qwen2_moe", "qwen3_5_moe",
-            "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "sarvam_mla", "sarvam_moe", "solar_open", "zamba2",
+            "afmoe",
+            "axk1",
+            "bailing_hybrid",
+            "beam",
+            "cohere2_moe",
+            "deepseek_v2",
+            "deepseek_v3",
+            "deepseek_v32",
+            "deepseek_v4",
+            "ernie4_5_moe",
+            "exaone_moe",
+            "flex_olmo",
+            "glm",
+            "glm4",
+            "glm4_moe",
+            "glm4_moe_lite",
+            "glm_moe_dsa",
+            "granitemoe",
+            "granitemoe_swa",
+            "granitemoehybrid",
+            "granitemoeshared",
+            "hy_v3",
+            "hy_v4",
+            "inkling_text",
+            "jamba",
+            "jetmoe",
+            "kimi_linear",
+            "kolibri1",
+            "laguna",
+            "lara_mini",
+            "lfm2_moe",
+            "longcat_flash",
+            "mellum",
+            "mimo_v2_flash",
+            "minimax",
+            "minimax_m2",
+            "minimax_m3_vl_text",
+            "mixtral",
+            "modernbert-decoder",
+            "moshi",
+            "olmoe",
+            "phi3",
+            "phi4_multimodal",
+            "phimoe",
+            "qwen2_moe",
+            "qwen3_5_moe",
+            "qwen3_5_moe_text",
+            "qwen3_moe",
+            "qwen3_next",
+            "sarvam_mla",
+            "sarvam_moe",
+            "solar_open",
+            "zamba2",
             "zaya",
         }
     ),
@@ -47,8 +93,20 @@ VERIFIED: dict[str, frozenset[str | None]] = {
     "codegen.qkv_proj": frozenset({"codegen"}),
     "mla.kv_a": frozenset(
         {
-            "axk1", "axk2", "bailing_hybrid", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
-            "glm_moe_dsa", "hy_v4", "kimi_linear", "longcat_flash", "minicpm3", "sarvam_mla", "youtu",
+            "axk1",
+            "axk2",
+            "bailing_hybrid",
+            "deepseek_v2",
+            "deepseek_v3",
+            "deepseek_v32",
+            "glm4_moe_lite",
+            "glm_moe_dsa",
+            "hy_v4",
+            "kimi_linear",
+            "longcat_flash",
+            "minicpm3",
+            "sarvam_mla",
+            "youtu",
         }
     ),
     "q_gate.per_head": frozenset(
@@ -63,7 +121,9 @@ VERIFIED["mla.kv_b"] = VERIFIED["mla.kv_a"]
 # Splitting helpers
 
 
-def concat_rows(weight: torch.Tensor, sizes: tuple[int, ...], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def concat_rows(
+    weight: torch.Tensor, sizes: tuple[int, ...], keys: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     """Concatenated row blocks [A; B; ...] of the given sizes, as views."""
     if sum(sizes) != weight.shape[0]:
         raise ValueError(
@@ -242,7 +302,9 @@ def _is(component: str, *lasts: str) -> Callable[[LayoutQuery], bool]:
     return lambda q: q.role.component == component and (not lasts or q.last in lasts)
 
 
-def _layout(name: str, applies: Callable[[LayoutQuery], bool], split: Split, verified: bool = True) -> FusedLayout:
+def _layout(
+    name: str, applies: Callable[[LayoutQuery], bool], split: Split, verified: bool = True
+) -> FusedLayout:
     return FusedLayout(name, applies, split, VERIFIED.get(name, frozenset()) if verified else None)
 
 

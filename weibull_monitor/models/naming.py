@@ -59,7 +59,8 @@ NAME_RULES: tuple[Rule, ...] = (
         "rec_gate",
     ),
     (
-        _REC + r"\.(?:x_proj|dt_proj|x_proj_weight|dt_proj_weight|in_proj_a|in_proj_b|in_proj_ba|a_proj|b_proj"
+        _REC
+        + r"\.(?:x_proj|dt_proj|x_proj_weight|dt_proj_weight|in_proj_a|in_proj_b|in_proj_ba|a_proj|b_proj"
         r"|f_proj|f_a_proj|f_b_proj)$",
         "rec_state",
     ),
@@ -110,7 +111,10 @@ NAME_RULES: tuple[Rule, ...] = (
     (_ATTN + r"\.(?:v)$", "v"),
     (_ATTN + r"\.(?:o|o_proj|out_proj|dense|c_proj|wo|out_lin|proj|attention_out)(?:\.linear)?$", "o"),
     (r"attention\.output\.dense$", "o"),  # BERT, RoBERTa, DeBERTa, ViT (old names)
-    (r"(?:^|\.)(?:o_proj|out_proj|attn_out|out_lin)(?:\.linear)?$", "o"),  # out_lin: DistilBERT; attn_out: OLMo-1
+    (
+        r"(?:^|\.)(?:o_proj|out_proj|attn_out|out_lin)(?:\.linear)?$",
+        "o",
+    ),  # out_lin: DistilBERT; attn_out: OLMo-1
     # --- routers (before the FFN rules: "mlp.gate" is the Mixtral/Qwen-MoE router, "gate_proj" the FFN gate)
     (r"(?:^|\.)shared_expert_gate$", "router", "shared"),
     (r"(?:^|\.)(?:router|moe_router)(?:\.layer|\.classifier|\.gate|\.proj)?$", "router"),
@@ -126,8 +130,14 @@ NAME_RULES: tuple[Rule, ...] = (
     (r"(?:^|\.)(?:gate_up_proj|ff_proj|w13|fc1_gate_up|mlp\.input_linear|moe\.input_linear)$", "ffn_gate_up"),
     (r"(?:^|\.)mlp\.wi$", "ffn_gate_up"),
     (r"(?:^|\.)(?:gate_proj|w1|wi_0|gate_linear|proj_up_gate|w_in\.w_0)$", "ffn_gate"),
-    (r"(?:^|\.)(?:up_proj|w3|wi_1|wi|fc_in|c_fc|dense_h_to_4h|fc1|linear1|lin1|up_linear|proj_up|w_in\.w_1)$", "ffn_up"),
-    (r"(?:^|\.)(?:intermediate\.dense|feed_forward\.intermediate|ffn\.0|ff\.layer_1|feed_forward\.dense\.dense)$", "ffn_up"),
+    (
+        r"(?:^|\.)(?:up_proj|w3|wi_1|wi|fc_in|c_fc|dense_h_to_4h|fc1|linear1|lin1|up_linear|proj_up|w_in\.w_1)$",
+        "ffn_up",
+    ),
+    (
+        r"(?:^|\.)(?:intermediate\.dense|feed_forward\.intermediate|ffn\.0|ff\.layer_1|feed_forward\.dense\.dense)$",
+        "ffn_up",
+    ),
     (
         r"(?:^|\.)(?:down_proj|w2|fc_out|dense_4h_to_h|fc2|linear2|lin2|down_linear|proj_down|w_out"
         r"|mlp\.output_linear|moe\.output_linear)$",
@@ -142,22 +152,42 @@ NAME_RULES: tuple[Rule, ...] = (
     (r"(?:^|\.)(?:per_layer_input_gate|per_layer_projection)$", "aux", "per_layer"),
     (r"(?:^|\.)altup\.(?:correction_coefs|prediction_coefs)$", "aux", "altup"),
     (r"(?:^|\.)laurel\.(?:linear_left|linear_right)$", "aux", "laurel"),
-    (r"(?:^|\.)(?:attn_hc|ffn_hc|attn_hyper_connection|ffn_hyper_connection)\.\w+$", "aux", "hyper_connection"),
+    (
+        r"(?:^|\.)(?:attn_hc|ffn_hc|attn_hyper_connection|ffn_hyper_connection)\.\w+$",
+        "aux",
+        "hyper_connection",
+    ),
     (r"(?:^|\.)adapter_modules\.\w+\.dense[12]$", "aux", "adapter"),
     (r"(?:^|\.)\w+_adapter_list\.\d+\.\d+$", "aux", "adapter"),
     (r"(?:^|\.)self_attn\.dt_proj$", "aux", "dynamic_mask"),
-    (r"(?:layernorm|norm)\.mlp\.fc[12]$", "aux", "norm_gate"),  # AXK2: a low-rank gate inside the norm  # Doge: a mask from the values, not Q/K
-    (r"(?:^|\.)(?:sink_proj|r_proj|rel_logits_proj\.proj|relative_position_bias\.(?:linear|proj))$", "aux", "position"),
+    (
+        r"(?:layernorm|norm)\.mlp\.fc[12]$",
+        "aux",
+        "norm_gate",
+    ),  # AXK2: a low-rank gate inside the norm  # Doge: a mask from the values, not Q/K
+    (
+        r"(?:^|\.)(?:sink_proj|r_proj|rel_logits_proj\.proj|relative_position_bias\.(?:linear|proj))$",
+        "aux",
+        "position",
+    ),
     (r"(?:^|\.)(?:rel_pos_h|rel_pos_w|relative_pos_embeddings)$", "aux", "position"),
     (r"(?:^|\.)sconv\.(?:weight_proj|static_weight)$", "aux", "conv"),
     (r"rel_attn\.r$", "aux", "position"),  # XLNet: relative position projection
     (r"(?:zamba|layers)\.\d+\.linear$", "aux", "shared_block"),  # Zamba: projection after the shared block
     # --- embeddings and heads
-    (r"(?:^|\.)(?:wpe|position_embeddings|embed_positions|positions_embed|position_embedding)$", "embed", "position"),
+    (
+        r"(?:^|\.)(?:wpe|position_embeddings|embed_positions|positions_embed|position_embedding)$",
+        "embed",
+        "position",
+    ),
     (r"(?:^|\.)(?:token_type_embeddings)$", "embed", "token_type"),
     (r"(?:^|\.)(?:rel_embeddings|relative_attention_bias)$", "embed", "relative"),
     (r"(?:^|\.)(?:embed_tokens_per_layer|per_layer_model_projection)$", "embed", "per_layer"),
-    (r"(?:^|\.)(?:vision_embed_tokens|embeddings_project|embedding_hidden_mapping_in|map_inputs_layer)$", "embed", "projection"),
+    (
+        r"(?:^|\.)(?:vision_embed_tokens|embeddings_project|embedding_hidden_mapping_in|map_inputs_layer)$",
+        "embed",
+        "projection",
+    ),
     (r"(?:^|\.)(?:altup_projections|altup_unembed_projections)\.\d+$", "embed", "altup"),
     (
         r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared|tok_embeddings|embeddings|tokens_embed"
@@ -186,8 +216,15 @@ FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
     # Qwen3-Next / Qwen3.5: q_proj holds the query and a sigmoid gate of the attention output, per head
     **{
         family: ((r"self_attn\.q_proj$", "q_gate"),)
-        for family in ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp",
-                       "qwen4_exp_text")
+        for family in (
+            "qwen3_next",
+            "qwen3_5",
+            "qwen3_5_text",
+            "qwen3_5_moe",
+            "qwen3_5_moe_text",
+            "qwen4_exp",
+            "qwen4_exp_text",
+        )
     },
     # CTRL: ffn.0 / ffn.2 of an nn.Sequential
     "ctrl": ((r"ffn\.0$", "ffn_up"), (r"ffn\.2$", "ffn_down")),
@@ -197,7 +234,9 @@ FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
     # ZAYA: the router is a small MLP named mlp.gate
     "zaya": ((r"mlp\.gate\.[\w.]+$", "router"),),
 }
-_COMPILED_RULES = tuple((re.compile(r[0], re.IGNORECASE), r[1], r[2] if len(r) > 2 else None) for r in NAME_RULES)
+_COMPILED_RULES = tuple(
+    (re.compile(r[0], re.IGNORECASE), r[1], r[2] if len(r) > 2 else None) for r in NAME_RULES
+)
 _COMPILED_FAMILIES = {
     family: tuple((re.compile(r[0], re.IGNORECASE), r[1], r[2] if len(r) > 2 else None) for r in rules)
     for family, rules in FAMILY_RULES.items()
@@ -226,15 +265,32 @@ T5_STACK = re.compile(r"(?:^|\.)(?:encoder|decoder)\.block\.\d+")
 
 #: Prefixes wrappers put in front of a model's own parameter names (torch.compile, PEFT, DDP/DeepSpeed, FSDP1,
 #: activation checkpointing): dropped from display names, kept in the store (``param_name``).
-WRAPPER_PREFIXES = ("_orig_mod.", "base_model.model.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+WRAPPER_PREFIXES = (
+    "_orig_mod.",
+    "base_model.model.",
+    "module.",
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+)
 _WRAPPER_SEGMENTS = re.compile(
     r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|_forward_module)\.|\.base_layer(?=\.)"
 )
 
 # what a layer's mixer is, in the layer_types of hybrid configs: these are no softmax attention
 _RECURRENT_LAYER_TYPES = {
-    "linear_attention", "mamba", "mamba2", "conv", "recurrent", "ssm", "lightning", "linear", "m", "deltanet",
-    "gated_deltanet", "kda", "short_conv",
+    "linear_attention",
+    "mamba",
+    "mamba2",
+    "conv",
+    "recurrent",
+    "ssm",
+    "lightning",
+    "linear",
+    "m",
+    "deltanet",
+    "gated_deltanet",
+    "kda",
+    "short_conv",
 }
 
 

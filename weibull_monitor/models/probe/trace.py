@@ -114,9 +114,13 @@ class Tracer:
         if matrix.dim() != 2 or not param.is_contiguous():
             return None
         flat = torch.arange(param.numel())
-        return flat.as_strided(tuple(matrix.shape), matrix.stride(), matrix.storage_offset() - param.storage_offset())
+        return flat.as_strided(
+            tuple(matrix.shape), matrix.stride(), matrix.storage_offset() - param.storage_offset()
+        )
 
-    def record_linear(self, name: str, matrix: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def record_linear(
+        self, name: str, matrix: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """``matrix`` is the [out, in] view of parameter ``name`` that produced ``y``; returns ``y + z``."""
         elements = self._elements(name, matrix)
         if elements is None or y.shape[-1] != matrix.shape[0]:
@@ -126,7 +130,9 @@ class Tracer:
         self.records.append(OpRecord(name, elements, x, z, len(self.records), tuple(self.stack)))
         return y + z
 
-    def record_batched(self, name: str, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def record_batched(
+        self, name: str, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """A product ``x[e] @ stack[e]`` over a whole expert stack [E, in, out]: one record per expert."""
         if stack.dim() != 3 or x.dim() != 3 or y.dim() != 3 or y.shape[0] != stack.shape[0]:
             self.unsupported.setdefault(name, "read by a batched product the probe cannot map")
@@ -146,12 +152,16 @@ class Tracer:
         """Record an attention call; returns the leaf that replaces its output."""
         leaf = out.detach().requires_grad_(True)
         if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-            self.calls.append(AttentionCall(module, q, k, v, leaf, len(self.records), kind, tuple(self.stack)))
+            self.calls.append(
+                AttentionCall(module, q, k, v, leaf, len(self.records), kind, tuple(self.stack))
+            )
         return leaf
 
     def note(self, func: Any, inputs: tuple[torch.Tensor, ...], out: Any) -> None:
         """Remember who made ``out`` (for the eager path's walk back from a softmax to the scores product)."""
-        if isinstance(out, torch.Tensor) and not any(out is i for i in inputs):  # .float() on a float: no step
+        if isinstance(out, torch.Tensor) and not any(
+            out is i for i in inputs
+        ):  # .float() on a float: no step
             self._producers[id(out)] = (func, inputs, out)
 
     def scores_operands(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -243,7 +253,14 @@ class _Mode(TorchFunctionMode):
                 if name is not None and isinstance(out, torch.Tensor) and weight.dim() == 3:
                     return tracer.record_batched(name, weight, args[xi], out)
                 if name is not None and tracer.watched(args[xi]) is None:
-                    tracer.unsupported.setdefault(name, f"read by {getattr(func, '__name__', func)} with a 3-D operand")
+                    tracer.unsupported.setdefault(
+                        name, f"read by {getattr(func, '__name__', func)} with a 3-D operand"
+                    )
+            left = tracer.watched(args[0]) if xi == 0 and len(args) > 1 else None
+            if left is not None and tracer.watched(args[1]) is None and args[0].dim() == 2 and out.dim() >= 2:
+                # W @ x (Mamba's dt_proj.weight @ time_step): output features along dim -2
+                y = out.transpose(-1, -2)
+                return tracer.record_linear(left, args[0], args[1].transpose(-1, -2), y).transpose(-1, -2)
         if tracer.in_interface:
             return out
         inputs = _tensors(args) + _tensors(kwargs.values())
@@ -252,7 +269,6 @@ class _Mode(TorchFunctionMode):
             return out
         tracer.note(func, inputs, out)
         return tracer.follow_probs(func, inputs, out)
-
 
     def _descend(self, func, args, kwargs):
         """Run a Python functional (nn.MultiheadAttention's) with the mode active inside it, so its linear

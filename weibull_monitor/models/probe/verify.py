@@ -71,7 +71,9 @@ class Check:
 @dataclass
 class RoleReport:
     checks: list[Check] = field(default_factory=list)
-    splits: dict[str, str] = field(default_factory=dict)  # fused parameter -> "used: <layout>" | "refused: ..."
+    splits: dict[str, str] = field(
+        default_factory=dict
+    )  # fused parameter -> "used: <layout>" | "refused: ..."
     discovered: dict[str, list[str]] = field(default_factory=dict)  # refused parameter -> layouts that verify
 
     def count(self, status: str) -> int:
@@ -83,8 +85,17 @@ def describe(bits: torch.Tensor) -> str:
     used = bits[(bits & USED) != 0]
     if used.numel() == 0:
         return "not read by the traced pass"
-    names = {Q: "q", K: "k", V: "v", O: "o", MLP_IN: "mlp_in", MLP_OUT: "mlp_out", MIXER_IN: "mixer_in",
-             MIXER_OUT: "mixer_out", OUTSIDE: "feeds attention from outside its module"}
+    names = {
+        Q: "q",
+        K: "k",
+        V: "v",
+        O: "o",
+        MLP_IN: "mlp_in",
+        MLP_OUT: "mlp_out",
+        MIXER_IN: "mixer_in",
+        MIXER_OUT: "mixer_out",
+        OUTSIDE: "feeds attention from outside its module",
+    }
     counts: Counter[str] = Counter()
     for value, n in zip(*used.unique(return_counts=True)):
         label = "+".join(name for bit, name in names.items() if int(value) & bit) or "none of attention/MLP"
@@ -146,7 +157,9 @@ def _heads_in_order(part_index: torch.Tensor, heads: torch.Tensor | None) -> boo
     return bool((seq[1:] >= seq[:-1]).all())
 
 
-def verify_roles(roles: dict[str, Role], labels: Labels, config: Any = None, *, discover: bool = False) -> RoleReport:
+def verify_roles(
+    roles: dict[str, Role], labels: Labels, config: Any = None, *, discover: bool = False
+) -> RoleReport:
     """Check every role of ``roles`` against ``labels``, and every fused parameter's split: the layout
     :func:`~weibull_monitor.models.split_fused` uses for the family (``splits[name] = "used: <layout>"``), or, where
     none is verified for the family, every candidate layout (``discovered[name]``: the candidates whose split the
@@ -171,15 +184,19 @@ def verify_roles(roles: dict[str, Role], labels: Labels, config: Any = None, *, 
                     report.splits[name] = f"refused: {error}"
             for candidate in find_layout(name, tuple(bits.shape), config, role=role, candidates=True):
                 checks = _check_split(name, role, bits, glu, labels, config, candidate)
-                if checks and all(c.status in ("verified", "not observed") for c in checks) and any(
-                    c.status == "verified" for c in checks
+                if (
+                    checks
+                    and all(c.status in ("verified", "not observed") for c in checks)
+                    and any(c.status == "verified" for c in checks)
                 ):
                     report.discovered.setdefault(name, []).append(candidate.name)
             if layout is None:
                 continue
         report.splits[name] = f"used: {layout.name}"
         report.checks += _check_split(name, role, bits, glu, labels, config, layout) or [
-            Check(f"{name}[*]", role.component, "mismatch", f"layout {layout.name!r} failed on this parameter")
+            Check(
+                f"{name}[*]", role.component, "mismatch", f"layout {layout.name!r} failed on this parameter"
+            )
         ]
     return report
 
@@ -201,7 +218,9 @@ def _check_split(
         heads = labels.heads.get(name, {}).get(_HEAD_TENSOR.get(component, component))
         in_order = _heads_in_order(part_index, heads)
         if check.status == "verified" and in_order is False:
-            check = Check(check.key, component, "mismatch", "parts hold the right rows in the wrong head order")
+            check = Check(
+                check.key, component, "mismatch", "parts hold the right rows in the wrong head order"
+            )
         check.heads_checked = in_order is True
         checks.append(check)
     return checks
@@ -215,7 +234,12 @@ def _check_whole(name: str, role: Role, bits: torch.Tensor, glu: bool) -> Check:
     if role.parts and role.component in ("qkv", "kv_a", "kv_b", "kv"):
         used = bits[(bits & USED) != 0]
         if used.numel() and not ((used & _ATTN) != 0).all():
-            return Check(name, role.component, "mismatch", f"fused attention projection, the probe saw {describe(bits)}")
+            return Check(
+                name,
+                role.component,
+                "mismatch",
+                f"fused attention projection, the probe saw {describe(bits)}",
+            )
         return Check(name, role.component, "verified" if used.numel() else "not observed")
     return _check_elements(name, role.component, bits, glu, role.layer is not None)
 

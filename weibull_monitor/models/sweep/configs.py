@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["EXTRA_FAMILIES", "FIXES", "LAYERS", "PREPARE", "config_class", "input_ids", "model_class", "shrink", "tiny_config"]
+__all__ = [
+    "EXTRA_FAMILIES",
+    "FIXES",
+    "LAYERS",
+    "PREPARE",
+    "config_class",
+    "input_ids",
+    "model_class",
+    "shrink",
+    "tiny_config",
+]
 
 LAYERS = 2
 # key -> tiny value; a key that ends with one of these (``encoder_ffn_dim``) is shrunk the same way
@@ -99,14 +109,35 @@ _SIZES: dict[str, int] = {
     "encoder_hash_byte_group_vocab": 256,
     "global_head_dim": 16,
 }
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
-               "num_decoder_layers", "num_encoder_layers", "depth")
-_TOKEN_KEYS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0, "sep_token_id": 2}
+_LAYER_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "n_layers",
+    "num_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_decoder_layers",
+    "num_encoder_layers",
+    "depth",
+)
+_TOKEN_KEYS = {
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 0,
+    "sep_token_id": 2,
+}
 # special token ids that must fall inside the tiny vocabulary
 _TOKEN_ID_SUFFIXES = ("_token_id", "_token_index")
 
 
-_SUFFIXES = {"_ffn_dim": 96, "_intermediate_size": 96, "_attention_heads": 4, "_hidden_size": 64, "_vocab_size": 128}
+_SUFFIXES = {
+    "_ffn_dim": 96,
+    "_intermediate_size": 96,
+    "_attention_heads": 4,
+    "_hidden_size": 64,
+    "_vocab_size": 128,
+}
 
 
 def _tiny(key: str, value: Any) -> Any:
@@ -136,16 +167,13 @@ def shrink(config: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = shrink(value)
         elif key == "num_key_value_heads" and isinstance(value, int) and isinstance(heads, int):
             out[key] = _SIZES["num_attention_heads"] if value == heads else min(value, 2)
-        elif (
-            isinstance(value, list)
-            and layers
-            and len(value) == layers
-            and layers > LAYERS
-        ):
+        elif isinstance(value, list) and layers and len(value) == layers and layers > LAYERS:
             out[key] = [_tiny(key, v) for v in _representative(value)]
         else:
             out[key] = _tiny(key, value)
-    if isinstance(out.get("qk_rope_head_dim"), int):  # multi-head latent attention: rope dims are the head dim
+    if isinstance(
+        out.get("qk_rope_head_dim"), int
+    ):  # multi-head latent attention: rope dims are the head dim
         if "head_dim" in out:
             out["head_dim"] = out["qk_rope_head_dim"]
         if "qk_head_dim" in out:
@@ -189,19 +217,41 @@ FIXES: dict[str, Callable[[dict[str, Any]], None]] = {
     "jamba": _set(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "recurrent_gemma": _set(block_types=["recurrent", "attention"]),
     "xlstm": _set(qk_dim_factor=1.0),
-    "zamba": _set(layers_block_type=None, num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=2, attention_hidden_size=128,
-                  attention_head_dim=32, n_mamba_heads=2),
-    "zamba2": _set(layers_block_type=["mamba", "hybrid"], n_mamba_heads=8, mamba_headdim=16,
-                   attention_hidden_size=128, attention_head_dim=32, kv_channels=32, num_query_groups=4),
+    "zamba": _set(
+        layers_block_type=None,
+        num_hidden_layers=6,
+        attn_layer_period=3,
+        attn_layer_offset=2,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        n_mamba_heads=2,
+    ),
+    "zamba2": _set(
+        layers_block_type=["mamba", "hybrid"],
+        n_mamba_heads=8,
+        mamba_headdim=16,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        kv_channels=32,
+        num_query_groups=4,
+    ),
     "lfm2_moe": _set(layer_types=["conv", "full_attention"], num_dense_layers=1),
     # SSMs whose head sizes must multiply out to expand * hidden_size
     "mamba2": _set(num_heads=8, head_dim=16, n_groups=1),
     "deepseek_v2": _set(num_experts_per_tok=2),
     "gpt_neo": _set(attention_types=[[["global", "local"], 1]], num_layers=LAYERS),
-    "reformer": _set(is_decoder=True, attn_layers=["local", "lsh"], axial_pos_shape=[8, 8], axial_pos_embds_dim=[32, 32],
-                     num_hidden_layers=LAYERS, feed_forward_size=96),
+    "reformer": _set(
+        is_decoder=True,
+        attn_layers=["local", "lsh"],
+        axial_pos_shape=[8, 8],
+        axial_pos_embds_dim=[32, 32],
+        num_hidden_layers=LAYERS,
+        feed_forward_size=96,
+    ),
     "xlnet": _set(n_layer=LAYERS, d_model=64, n_head=4, d_inner=96, d_head=16),
-    "prophetnet": _set(num_encoder_layers=LAYERS, num_decoder_layers=LAYERS, encoder_ffn_dim=96, decoder_ffn_dim=96),
+    "prophetnet": _set(
+        num_encoder_layers=LAYERS, num_decoder_layers=LAYERS, encoder_ffn_dim=96, decoder_ffn_dim=96
+    ),
     "plbart": _set(encoder_attention_heads=4, decoder_attention_heads=4),
 }
 
@@ -237,7 +287,8 @@ class TorchEncoder:
                 super().__init__()
                 self.embed_tokens = nn.Embedding(128, 64)
                 self.layers = nn.ModuleList(
-                    nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=True) for _ in range(LAYERS)
+                    nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=True)
+                    for _ in range(LAYERS)
                 )
                 self.lm_head = nn.Linear(64, 128, bias=False)
 

@@ -34,6 +34,9 @@ class FamilyResult:
 
     model_type: str
     built: bool
+    config_type: str | None = (
+        None  # the model_type of the config the model class takes (llama4 -> llama4_text)
+    )
     reason: str = ""  # why it was not built, or what failed
     matrices: int = 0  # matrices the role map names (2-D weights and 3-D expert stacks)
     block: int = 0  # of those, matrices inside the blocks (a layer index)
@@ -48,7 +51,9 @@ class FamilyResult:
     unreached: list[str] = field(default_factory=list)  # split parameters the pass did not read
     splits_refused: dict[str, str] = field(default_factory=dict)
     wrong_splits: list[str] = field(default_factory=list)
-    discovered: dict[str, list[str]] = field(default_factory=dict)  # kept-whole parameter -> layouts that verify
+    discovered: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # kept-whole parameter -> layouts that verify
     attention_calls: int = 0
     seconds: float = 0.0
 
@@ -88,7 +93,9 @@ def build_family(model_type: str) -> tuple[torch.nn.Module, Any]:
     transformers.set_seed(0)
     model = cls(config).eval()
     with contextlib.suppress(Exception):
-        model.set_experts_implementation("eager")  # one F.linear per expert: the probe sees each expert's slice
+        model.set_experts_implementation(
+            "eager"
+        )  # one F.linear per expert: the probe sees each expert's slice
     prepare = configs.PREPARE.get(model_type)
     if prepare is not None:
         prepare(model)
@@ -121,6 +128,7 @@ def sweep_family(model_type: str, *, discover: bool = False) -> FamilyResult:
             return _done(result, started)
         roles = model_roles(model)
         result.built = True
+        result.config_type = getattr(config, "model_type", None)
         result.matrices = len(roles)
         block = {n: r for n, r in roles.items() if r.layer is not None}
         result.block = len(block)
@@ -270,6 +278,19 @@ def summary(results: list[FamilyResult]) -> str:
         f"wrong {c['wrong_splits']}; {c['kept_whole']} fused parameters kept whole (no verified layout); "
         f"{c['role_mismatches']} role mismatches in {c['families_with_mismatches']} families (listed above)."
     )
+
+
+def discovered_table(results: list[FamilyResult]) -> str:
+    """Which candidate layouts the probe verified on which model types (``--discover``): the data of
+    ``weibull_monitor.models.layout_table.VERIFIED``."""
+    found: dict[str, set[str]] = {}
+    for r in results:
+        for layouts in r.discovered.values():
+            for layout in layouts:
+                found.setdefault(layout, set()).add(r.config_type or r.model_type)
+    lines = ["layouts the probe verified (layout: model types):"]
+    lines += [f"  {layout}: {', '.join(sorted(types))}" for layout, types in sorted(found.items())]
+    return "\n".join(lines)
 
 
 def _short_name(name: str) -> str:
