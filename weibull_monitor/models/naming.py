@@ -199,11 +199,21 @@ NAME_RULES: tuple[Rule, ...] = (
     (r"(?:^|\.)transformer\.ff_out$", "lm_head"),  # OLMo-1 untied output head
     # recognised heads that are no transformer projection: classed "other" without a warning
     (
-        r"(?:^|\.)(?:classifier|score|qa_outputs|pooler\.dense|pooler|transform\.dense|lm_head\.dense|summary"
-        r"|pre_classifier|classifier\.dense|classifier\.out_proj|seq_relationship|vocab_transform"
-        r"|generator_predictions\.dense|predictions\.dense|visual_projection\.\d+|linear_[12]"
-        r"|mm_input_projection_weight|pre_projection|post_projection)$",
+        r"(?:^|\.)(?:classifier|score|qa_outputs|pre_classifier|classifier\.dense|classifier\.out_proj)$",
         "other",
+        "classifier",
+    ),
+    (r"(?:^|\.)(?:pooler\.dense|pooler)$", "other", "pooler"),
+    (
+        r"(?:^|\.)(?:transform\.dense|lm_head\.dense|generator_predictions\.dense|predictions\.dense|vocab_transform)$",
+        "other",
+        "head_transform",
+    ),
+    (r"(?:^|\.)(?:summary|seq_relationship)$", "other", "summary"),
+    (
+        r"(?:^|\.)(?:visual_projection\.\d+|linear_[12]|mm_input_projection_weight|pre_projection|post_projection)$",
+        "other",
+        "projector",
     ),
     (r"\.lora_(?:embedding_)?[ab](?:\.[^.]+)?$", "other"),  # PEFT adapters: low-rank factors, not projections
 )

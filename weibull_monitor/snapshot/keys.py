@@ -2,7 +2,8 @@
 
 One namespace and stable keys, so saved W&B panels and TensorBoard layouts keep working across versions and models
 (docs/monitor.md lists them). Per class ``weibull/<class>/<metric>``; global ``weibull/T_over_tau`` and
-``weibull/selection_transmission_gap``; per matrix ``weibull/k/L<layer>/<component>[/E<expert>][/<stack>]``;
+``weibull/selection_transmission_gap``; per matrix
+``weibull/k/[L<layer>/]<component>[/<qualifier>][/E<expert>][/<stack>]`` (built from the role, never the name);
 alert counters ``weibull/alerts/<level>``; reference lines ``weibull/ref/...``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from weibull_monitor.models.naming import display_name
 
 __all__ = [
     "ALL",
@@ -92,12 +95,15 @@ def _sanitize(text: str) -> str:
 
 
 def matrix_metric_keys(roles: Mapping[str, Any]) -> dict[str, str]:
-    """Stable dashboard key per matrix: ``weibull/k/L<layer>/<component>[/E<expert>][/<stack>]``.
+    """Stable dashboard key per matrix: ``weibull/k/[L<layer>/]<component>[/<qualifier>][/E<expert>][/<stack>]``.
 
-    Matrices without a layer (embeddings, lm_head) drop the ``L<layer>/`` part. Split views carry their own
-    component (``L3/q`` beside the fused ``L3/qkv``). Where two matrices still share a key (e.g. several
-    ``other`` matrices in one layer) every one of them gets its sanitised parameter name appended, so the
-    result does not depend on the order of the parameters.
+    The key is built from the role alone (docs/monitor.md has the table), so the same matrix of two models of
+    different families, or of one model wrapped or not (torch.compile, PEFT, DDP), gets the same key. Matrices
+    without a layer (embeddings, lm_head) drop ``L<layer>/``; split views carry their own component (``L3/q``
+    beside the fused ``L3/qkv``); the qualifier tells apart roles that share a component (``embed/position``,
+    ``router/shared``, ``ffn_up/shared``, ``o/a``). Where recognised matrices still share a key (two attention
+    blocks in one layer, as in LongCat-Flash) each gets ``/<i>``, its rank among them by parameter name; unrecognised
+    ``other`` matrices get their parameter name (without wrapper prefixes) instead. Order-independent.
     """
     base: dict[str, str] = {}
     for key, role in roles.items():
@@ -107,17 +113,29 @@ def matrix_metric_keys(roles: Mapping[str, Any]) -> dict[str, str]:
         if role.layer is not None:
             parts.append(f"L{role.layer}")
         parts.append(role.component)
+        qualifier = getattr(role, "qualifier", None)
+        if qualifier:
+            parts.append(_sanitize(qualifier))
         if role.expert is not None:
             parts.append(f"E{role.expert}")
         if role.stack:
             parts.append(_sanitize(role.stack))
         base[key] = "/".join(parts)
-    counts: dict[str, int] = {}
-    for metric in base.values():
-        counts[metric] = counts.get(metric, 0) + 1
-    return {key: (m if counts[m] == 1 else f"{m}/{_sanitize(key)}") for key, m in base.items()}
+    sharing: dict[str, list[str]] = {}
+    for key, metric in base.items():
+        sharing.setdefault(metric, []).append(key)
+    out: dict[str, str] = {}
+    for metric, group in sharing.items():
+        if len(group) == 1:
+            out[group[0]] = metric
+            continue
+        for rank, key in enumerate(sorted(group)):
+            other = roles[key].component == "other"
+            out[key] = f"{metric}/{_sanitize(display_name(key))}" if other else f"{metric}/{rank}"
+    return out
 
 
 def short_matrix_name(metric_key: str | None, fallback: str) -> str:
-    """A matrix's name in messages: its metric key without ``weibull/k/`` (``L3/q``), else ``fallback``."""
-    return metric_key.removeprefix(MATRIX_K_PREFIX) if metric_key else fallback
+    """A matrix's name in messages: its metric key without ``weibull/k/`` (``L3/q``), else ``fallback`` without the
+    prefixes wrappers add (``_orig_mod.``, ``base_model.model.``, ``module.``, ...)."""
+    return metric_key.removeprefix(MATRIX_K_PREFIX) if metric_key else display_name(fallback)
