@@ -283,7 +283,8 @@ WRAPPER_PREFIXES = (
     "_checkpoint_wrapped_module.",
 )
 _WRAPPER_SEGMENTS = re.compile(
-    r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|_forward_module)\.|\.base_layer(?=\.)"
+    r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|_forward_module|base_model\.model)\."
+    r"|\.base_layer(?=\.|$)"
 )
 
 # what a layer's mixer is, in the layer_types of hybrid configs: these are no softmax attention

@@ -34,7 +34,7 @@ import torch
 
 from weibull_monitor._version import __version__
 from weibull_monitor.alerts import LOGGING_LEVELS, Alert, AlertEngine, Rule, default_rules
-from weibull_monitor.distributed import agree, fit_matrices
+from weibull_monitor.distributed import agree
 from weibull_monitor.estimator.protocol import check_method
 from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
@@ -42,7 +42,7 @@ from weibull_monitor.monitor.filters import NameFilter, name_filter
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
 from weibull_monitor.sinks.base import Sink
 from weibull_monitor.sinks.guard import GuardedSink
-from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
+from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, adapters, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
 from weibull_monitor.store import RunStore, StoreError, StoreWriter
 
@@ -126,6 +126,7 @@ class WeibullMonitor:
         self._last_seen_step: int | None = None
         self._last_snapshot_step: int | None = None
         self._roles: dict[str, Any] | None = None
+        self._adapters: adapters.Adapters | None = None  # LoRA/DoRA layers and frozen fits (found on first use)
         self._attention_kind: str | None = None
         self._expectation: str | None = None
         self._sinks: list[GuardedSink] = []
@@ -195,7 +196,8 @@ class WeibullMonitor:
     def roles(self) -> dict[str, Any]:
         """Roles of the watched parameters (after include/exclude), computed on first use."""
         if self._roles is None:
-            roles = model_roles(self.model, overrides=self.overrides)
+            self._adapters = adapters.Adapters(self.model)
+            roles = self._adapters.without_factors(model_roles(self.model, overrides=self.overrides))
             self._roles = {
                 name: role
                 for name, role in roles.items()
@@ -217,8 +219,10 @@ class WeibullMonitor:
         skipped: dict[str, str] = {}
         config = getattr(self.model, "config", None)
         entries = collect_entries(self.model, roles, config, skipped=skipped)
-        # a collective under torch.distributed: every rank calls it at every due snapshot
-        fits = fit_matrices([e.key for e in entries], [e.matrix for e in entries], self.method)
+        # a collective under torch.distributed: every rank calls it at every due snapshot; adapted matrices are
+        # fitted on their effective weight, frozen ones once (snapshot/adapters.py)
+        fitted = self._adapters.fit(entries, self.method)
+        fits = fitted.fits
         for key, fit in fits.items():
             if not fit.ok and key not in skipped and fit.reason:
                 skipped[key] = fit.reason
@@ -227,13 +231,14 @@ class WeibullMonitor:
             entries,
             fits,
             skipped=skipped,
-            group_of_param=group_of_params(
-                self.optimizer, dict(self.model.named_parameters(remove_duplicate=False))
+            group_of_param=self._adapters.groups(
+                group_of_params(self.optimizer, dict(self.model.named_parameters(remove_duplicate=False)))
             ),
             rates=group_rates(self.optimizer) if self.optimizer is not None else (),
             attention_kind=self._attention_kind,
             expectation=self._expectation,
         )
+        adapters.report(snapshot, fitted)
         snapshot.alerts = self.engine(snapshot)
         critical = any(alert.level == "critical" for alert in snapshot.alerts)
         # every rank calls agree() at every snapshot (not only when critical), or the collective would hang

@@ -16,9 +16,11 @@ from typing import Any
 from weibull_monitor.models.naming import display_name
 
 __all__ = [
+    "ADAPTER_PREFIX",
     "ALL",
     "CLASS_METRICS",
     "FITS_TABLE",
+    "FROZEN_MATRICES",
     "K_HEATMAP",
     "MATRIX_K_PREFIX",
     "PREFIX",
@@ -29,6 +31,7 @@ __all__ = [
     "REF_TRANSMISSION_LOW",
     "SELECTION_TRANSMISSION_GAP",
     "T_OVER_TAU",
+    "adapter_metric",
     "alert_count",
     "alert_text",
     "class_metric",
@@ -54,6 +57,11 @@ CLASS_METRICS = (
 T_OVER_TAU = f"{PREFIX}/T_over_tau"
 SELECTION_TRANSMISSION_GAP = f"{PREFIX}/selection_transmission_gap"
 MATRIX_K_PREFIX = f"{PREFIX}/k/"
+
+#: How many matrices a snapshot reused the fit of (frozen and not adapted: they cannot have changed).
+FROZEN_MATRICES = f"{PREFIX}/frozen_matrices"
+#: Adapter factors (LoRA A and B), apart from every class: ``weibull/lora/<matrix>/<A|B>[/<adapter>]``.
+ADAPTER_PREFIX = f"{PREFIX}/lora/"
 
 #: Rich content: the per-snapshot table of fits and the layer x step heatmap of k.
 FITS_TABLE = f"{PREFIX}/fits"
@@ -133,6 +141,13 @@ def matrix_metric_keys(roles: Mapping[str, Any]) -> dict[str, str]:
             other = roles[key].component == "other"
             out[key] = f"{metric}/{_sanitize(display_name(key))}" if other else f"{metric}/{rank}"
     return out
+
+
+def adapter_metric(matrix_key: str, factor: str, adapter: str = "default") -> str:
+    """The key of an adapter factor's k: ``weibull/lora/L3/q/A`` for the A factor of the matrix keyed
+    ``weibull/k/L3/q`` (``/<adapter>`` appended for an adapter not named ``default``)."""
+    key = f"{ADAPTER_PREFIX}{matrix_key.removeprefix(MATRIX_K_PREFIX)}/{factor}"
+    return key if adapter == "default" else f"{key}/{_sanitize(adapter)}"
 
 
 def short_matrix_name(metric_key: str | None, fallback: str) -> str:
