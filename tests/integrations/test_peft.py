@@ -102,7 +102,7 @@ def test_effective_k_equals_the_exact_fit_of_the_merged_matrix():
 def test_monitor_roles_factors_frozen_matrices_and_optimizer_groups():
     model = lora(tiny_llama(), targets=["q_proj", "v_proj"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
-    monitor = WeibullMonitor(model, optimizer, every=5, store=None)
+    monitor = WeibullMonitor(model, optimizer, every=5, store=None, adapter_factors_every=1)
     monitor.observe(0)
     first = monitor.last_snapshot
     # the factors are no matrix of the role map, and lora_B (zero at step 0) raises nothing
@@ -214,7 +214,9 @@ def check_store(path):
         assert all(f["weight_decay"] == pytest.approx(0.1) and f["ok"] for f in adapted)
         assert not [name for name in fits if ".lora_" in name]
         metrics = {a["metric"] for a in store.aggregates(step=4)}
-        assert "weibull/lora/L0/q/A" in metrics and "weibull/frozen_matrices" in metrics
+        assert "weibull/frozen_matrices" in metrics and not [m for m in metrics if m.startswith("weibull/lora/")]
+        # the factors are fitted at every 5th snapshot (adapter_factors_every): the first one here
+        assert "weibull/lora/L0/q/A" in {a["metric"] for a in store.aggregates(step=0)}
 
 
 def test_scan_reads_merged_and_adapter_checkpoints(tmp_path):

@@ -77,6 +77,8 @@ class WeibullMonitor:
         overrides: role-map overrides (regex -> component).
         writer: False computes (and joins collectives) but writes nothing: no store, sinks, logs or callback.
         sink_timeout: seconds a sink call may run before it is reported as hanging.
+        adapter_factors_every: fit PEFT's LoRA factors (reported apart, ``weibull/lora/...``) at every n-th
+            snapshot (0: never); adapted matrices themselves are fitted on their effective weight every snapshot.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class WeibullMonitor:
         overrides: Any = None,
         writer: bool = True,
         sink_timeout: float = 10.0,
+        adapter_factors_every: int = 5,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -118,6 +121,7 @@ class WeibullMonitor:
         self.stop_on_critical = bool(stop_on_critical)
         self.stop_requested = False
         self.sink_timeout = float(sink_timeout)
+        self.adapter_factors_every = int(adapter_factors_every)
         self.engine = AlertEngine(default_rules() if rules is None else list(rules))
         self.builder = SnapshotBuilder()
         self.last_snapshot: Snapshot | None = None
@@ -196,7 +200,7 @@ class WeibullMonitor:
     def roles(self) -> dict[str, Any]:
         """Roles of the watched parameters (after include/exclude), computed on first use."""
         if self._roles is None:
-            self._adapters = adapters.Adapters(self.model)
+            self._adapters = adapters.Adapters(self.model, self.adapter_factors_every)
             roles = self._adapters.without_factors(model_roles(self.model, overrides=self.overrides))
             self._roles = {
                 name: role

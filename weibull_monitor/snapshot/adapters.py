@@ -5,7 +5,9 @@
   matrices at a time (bounded memory: :data:`EFFECTIVE_BUDGET` elements) and never written back.
 - The LoRA factors A and B are no transformer projections: they are fitted apart, under
   ``weibull/lora/<matrix>/<A|B>`` (:func:`~weibull_monitor.snapshot.keys.adapter_metric`), never in a class
-  aggregate and never seen by the alert rules (B starts at zero: no fit, and no warning, until it moves).
+  aggregate and never seen by the alert rules (B starts at zero: no fit, and no warning, until it moves); at every
+  ``factors_every``-th snapshot (the monitor's ``adapter_factors_every``: two factors per adapted matrix would
+  otherwise double the number of fits).
 - A matrix that is frozen (``requires_grad`` False) and not adapted cannot change: it is fitted once and its fit
   reused while the tensor's version counter says it was not written (``snapshot.frozen`` lists them).
 - The optimizer group of an adapted matrix is the one that holds its adapter factors (η, λ_wd and T/τ of what
@@ -24,6 +26,7 @@ import torch
 
 from weibull_monitor.distributed import LocalMatrix, fit_matrices
 from weibull_monitor.estimator import WeibullFit, failed_fit, fit_many
+from weibull_monitor.estimator.histogram import N_COLUMNS, CountBuffer, HistogramBatch
 from weibull_monitor.models import split_fused
 from weibull_monitor.snapshot import keys
 from weibull_monitor.snapshot.record import MatrixEntry
@@ -132,8 +135,94 @@ def effective_weight(layer: AdaptedLayer) -> torch.Tensor:
             b = module.lora_B[adapter].weight.float()
             scaling = float(module.scaling[adapter])
             base = out if out is not None else w0.float()
-            out = torch.addmm(base, a.T, b.T, alpha=scaling) if transposed else torch.addmm(base, b, a, alpha=scaling)
+            out = (
+                torch.addmm(base, a.T, b.T, alpha=scaling)
+                if transposed
+                else torch.addmm(base, b, a, alpha=scaling)
+            )
         return out if out is not None else w0.float()
+
+
+#: Elements of one block of effective-weight rows (~1 MB of fp32: built and counted while in cache), and how many
+#: blocks are counted per call of the counting kernel (its threads share them).
+CHUNK_ELEMENTS = 1 << 20
+POOL_BLOCKS = 4
+
+
+def _low_rank_terms(
+    layer: AdaptedLayer,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
+    """(W0, [(left, right, scaling)]) with effective rows ``W0[r] + Σ scaling·left[r] @ right``; None where only
+    the whole matrix will do (DoRA and other variants, a quantized or non-2-D base)."""
+    module = layer.module
+    if getattr(module, "lora_variant", None):
+        return None
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
+    w0 = base.weight.detach()
+    if not w0.dtype.is_floating_point or w0.dim() != 2 or w0.is_meta:
+        return None
+    active = set(getattr(module, "active_adapters", [a for a, _, _ in layer.factors]))
+    merged = set(getattr(module, "merged_adapters", ()))
+    transposed = bool(getattr(module, "fan_in_fan_out", False))
+    terms = []
+    for adapter, _, _ in layer.factors:
+        if adapter in active and adapter not in merged:
+            a = module.lora_A[adapter].weight.detach().to(torch.float32)
+            b = module.lora_B[adapter].weight.detach().to(torch.float32)
+            terms.append(
+                (a.T, b.T, float(module.scaling[adapter]))
+                if transposed
+                else (b, a, float(module.scaling[adapter]))
+            )
+    return w0, terms
+
+
+def effective_counts(layers: Sequence[tuple[str, AdaptedLayer]]) -> dict[str, torch.Tensor]:
+    """Histogram counts of the effective weights, built a cache-sized block of rows at a time into a small pool of
+    reused buffers and counted :data:`POOL_BLOCKS` blocks per kernel call (no matrix-sized allocation, one pass
+    over each W0). Layers :func:`_low_rank_terms` refuses are left out (the caller fits them whole)."""
+    totals: dict[str, torch.Tensor] = {}
+    pool = [torch.empty(CHUNK_ELEMENTS, dtype=torch.float32) for _ in range(POOL_BLOCKS)]
+    counter = CountBuffer(POOL_BLOCKS)
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        counted = counter.count([block for _, block in pending])
+        for (key, _), row in zip(pending, counted.counts):
+            totals[key] += row
+        pending.clear()
+
+    with torch.no_grad():
+        for key, layer in layers:
+            found = _low_rank_terms(layer)
+            if found is None or found[0].device.type != "cpu":
+                continue
+            w0, terms = found
+            rows, cols = w0.shape
+            step = max(1, min(rows, CHUNK_ELEMENTS // cols))
+            if step * cols > CHUNK_ELEMENTS:
+                continue  # one row alone is larger than a block: fitted whole
+            totals[key] = torch.zeros(N_COLUMNS, dtype=torch.int64)
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
+                block = pool[len(pending)][: n * cols].view(n, cols)
+                if w0.dtype == torch.float32 and terms:
+                    left, right, scaling = terms[0]
+                    torch.addmm(
+                        w0[start : start + n], left[start : start + n], right, alpha=scaling, out=block
+                    )
+                    rest = terms[1:]
+                else:
+                    block.copy_(w0[start : start + n])
+                    rest = terms
+                for left, right, scaling in rest:
+                    block.addmm_(left[start : start + n], right, alpha=scaling)
+                pending.append((key, block))
+                if len(pending) == POOL_BLOCKS:
+                    flush()
+        if pending:
+            flush()
+    return totals
 
 
 @dataclass
@@ -150,8 +239,10 @@ class SnapshotFits:
 class Adapters:
     """Per-run adapter and frozen-matrix bookkeeping of a monitor (found once, on first use)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, factors_every: int = 1) -> None:
         self.model = model
+        self.factors_every = int(factors_every)  # fit the LoRA factors at every n-th snapshot (0: never)
+        self.snapshots = 0
         self.layers = find_adapters(model)
         self.factor_names = {n for layer in self.layers.values() for _, a, b in layer.factors for n in (a, b)}
         self.factor_names |= {n for layer in self.layers.values() for n in layer.magnitudes}
@@ -167,7 +258,9 @@ class Adapters:
         out = dict(group_of_param)
         for base, layer in self.layers.items():
             if out.get(base) is None:
-                out[base] = next((group_of_param.get(a) for _, a, _ in layer.factors if a in group_of_param), None)
+                out[base] = next(
+                    (group_of_param.get(a) for _, a, _ in layer.factors if a in group_of_param), None
+                )
         return out
 
     def fit(self, entries: Sequence[MatrixEntry], method: str) -> SnapshotFits:
@@ -210,7 +303,9 @@ class Adapters:
         for name, group in adapted.items():
             for e in group:
                 out.adapted[e.key] = tuple(a for a, _, _ in self.layers[name].factors)
-        self._fit_factors(params, out, method)
+        if self.factors_every > 0 and self.snapshots % self.factors_every == 0:
+            self._fit_factors(params, out, method)
+        self.snapshots += 1
         out.fits = {e.key: fits[e.key] for e in entries if e.key in fits}
         return out
 
@@ -220,8 +315,23 @@ class Adapters:
         config = getattr(self.model, "config", None)
         out: dict[str, WeibullFit] = {}
         batch: list[tuple[str, torch.Tensor]] = []
+        counted: dict[str, torch.Tensor] = {}
+        if (
+            method == "histogram"
+        ):  # whole adapted matrices: counted block by block (split parts need the whole)
+            blockwise = [
+                (g[0].key, self.layers[n])
+                for n, g in adapted.items()
+                if len(g) == 1 and g[0].component is None
+            ]
+            try:
+                counted = effective_counts(blockwise)
+            except Exception:  # any surprise: the whole-matrix path below says what went wrong
+                counted = {}
         held = 0
         for name, group in adapted.items():
+            if len(group) == 1 and group[0].key in counted:
+                continue
             try:
                 weight = effective_weight(self.layers[name])
                 pieces = [(e.key, weight) for e in group if e.component is None]
@@ -240,6 +350,9 @@ class Adapters:
                 self._flush(batch, method, out)
                 held = 0
         self._flush(batch, method, out)
+        if counted:
+            fits = HistogramBatch(torch.stack(list(counted.values())), ["fp32"] * len(counted)).fit_all()
+            out.update(zip(counted, fits))
         return out
 
     @staticmethod
