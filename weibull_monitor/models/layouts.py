@@ -11,6 +11,7 @@ with the reason. The built-in table is in :mod:`weibull_monitor.models.layout_ta
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +53,21 @@ class FusedLayout:
     families: frozenset[str] | None = None  # model types the probe verified; None: told by name or shape alone
 
     def claims(self, query: LayoutQuery) -> bool:
-        """Whether this layout splits ``query``: its test passes and the family is one it was verified on."""
-        return self.applies(query) and (self.families is None or query.model_type in self.families)
+        """Whether this layout splits ``query``: its test passes and the family is one it was verified on. A
+        family's verification covers its language model only: a vision or audio tower of a multimodal model runs
+        other code under the same parameter names and keeps its fused parameters whole."""
+        if not self.applies(query):
+            return False
+        if self.families is None:
+            return True
+        return query.model_type in self.families and not TOWER.search(query.name)
 
+
+#: Module paths of the vision and audio towers of multimodal models (text-only sweeps never run them).
+TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|image_encoder|img_processor|image_embed|audio_tower"
+    r"|audio_model|audio_embed|audio_encoder|speech_encoder|embed_tokens_extend)(?:\.|$)"
+)
 
 _REGISTRY: list[FusedLayout] = []
 
@@ -154,6 +167,12 @@ def _find(query: LayoutQuery) -> FusedLayout | None:
 
 def _refusal(query: LayoutQuery) -> str:
     candidates = [layout for layout in _REGISTRY if layout.applies(query)]
+    if candidates and TOWER.search(query.name):
+        return (
+            f"{query.name!r}: a vision or audio tower's fused parameter: no layout was verified on it (the families' "
+            "verifications ran their language model); kept whole. Learn it with weibull_monitor.models.learn_layouts "
+            "(model, inputs) from inputs that run the tower, or register one"
+        )
     if candidates:
         known = "; ".join(
             f"{layout.name} on {_families(layout.families)}" for layout in candidates if layout.families

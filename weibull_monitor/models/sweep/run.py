@@ -221,10 +221,13 @@ def coverage_table(results: list[FamilyResult]) -> str:
         if r.wrong_splits:
             notes.append(f"WRONG SPLIT: {', '.join(_short_name(n) for n in r.wrong_splits)}")
         if r.mismatches and not r.wrong_splits:
-            notes.append(f"mismatch: {r.mismatches[0]}")
+            more = f" (+{len(r.mismatches) - 1} more)" if len(r.mismatches) > 1 else ""
+            notes.append(f"mismatch: {r.mismatches[0]}{more}")
         if r.splits_refused:
             name, why = next(iter(r.splits_refused.items()))
-            notes.append(f"kept whole: {_short_name(name)} ({why})")
+            why = why.split(": ", 1)[-1].split("; kept whole")[0]
+            more = f" and {len(r.splits_refused) - 1} more" if len(r.splits_refused) > 1 else ""
+            notes.append(f"kept whole: {_short_name(name)}{more} ({why})")
         if r.not_observed:
             notes.append(f"{r.not_observed} not reached by the pass")
         classified = r.block - len(r.unclassified)
