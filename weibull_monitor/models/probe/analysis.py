@@ -11,8 +11,8 @@ Every answer comes from gradients with respect to the zero leaves the tracer add
   (attention outputs are leaves) and only at the same token is the input side of an MLP, the other its output side;
   one that reaches other tokens too sits in a token mixer (a recurrence, a convolution);
 - GLU: the second derivative of the down projection's input along a feature is zero for the linear ("up") side and
-  not for the side that goes through the activation ("gate"); random feature subsets separate a gate from the up
-  feature it multiplies.
+  not for the side that goes through the activation ("gate"); feature subsets by the bits of the feature index (and
+  their complements) separate every gate from the up feature it multiplies.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ BITS = {
     "mixer_out": MIXER_OUT,
     "outside": OUTSIDE,
 }
-_GLU_ROUNDS = 64
 
 
 @dataclass
@@ -298,10 +297,18 @@ def _glu_sides(labels: Labels, r2: OpRecord, chain: list[tuple[OpRecord, torch.T
     leaves = [r1.z for r1, _ in chain]
     first = [r1.select(g) if g is not None else None for (r1, _), g in zip(chain, _grads(r2.x, leaves, True))]
     zero_seen = [torch.zeros(int(mask.shape[0]), dtype=torch.bool) for _, mask in chain]
-    for _ in range(_GLU_ROUNDS):
+    # feature subsets by the bits of each feature's index over the whole chain, and their complements: for any two
+    # features some subset holds one and not the other, so every up feature is once moved without its gate
+    offsets, total = [], 0
+    for _r1, mask in chain:
+        offsets.append(total)
+        total += int(mask.shape[0])
+    bits = max(1, (total - 1).bit_length())
+    for round_ in range(2 * bits):
         directions = []
-        for _r1, mask in chain:
-            pick = torch.rand(mask.shape[0], generator=_GEN) < 0.5
+        for (_r1, mask), offset in zip(chain, offsets):
+            index = torch.arange(offset, offset + mask.shape[0])
+            pick = ((index >> (round_ // 2)) & 1) == (round_ % 2)
             shape = first[len(directions)].shape if first[len(directions)] is not None else (1, mask.shape[0])
             directions.append(torch.randn(shape, generator=_GEN) * (pick & mask))
         terms = [(g * d).sum() for g, d in zip(first, directions) if g is not None and g.requires_grad]

@@ -105,6 +105,12 @@ _SIZES: dict[str, int] = {
     "laurel_rank": 8,
     "vocab_size_per_layer_input": 128,
     "num_kv_shared_layers": 0,
+    "mamba_d_ssm": 128,
+    "mamba_chunk_size": 16,
+    "dim_head": 16,
+    "dim_ff": 96,
+    "position_bias_num_buckets": 32,
+    "position_bias_max_distance": 64,
     "embedding_dim": 64,
     "encoder_hash_byte_group_vocab": 256,
     "global_head_dim": 16,
@@ -213,6 +219,7 @@ def _set(**values: Any) -> Callable[[dict[str, Any]], None]:
 FIXES: dict[str, Callable[[dict[str, Any]], None]] = {
     # hybrids: one layer of each kind (the rules alone would keep only the first kind)
     "bamba": _set(attn_layer_indices=[1], mamba_n_heads=8),
+    "falcon_h1": _set(mamba_n_heads=8),
     "granitemoehybrid": _set(layer_types=["mamba", "attention"], mamba_n_heads=8),
     "jamba": _set(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "recurrent_gemma": _set(block_types=["recurrent", "attention"]),
