@@ -97,7 +97,8 @@ NAME_RULES: tuple[Rule, ...] = (
     (_ATTN + r"\.experts\.input_linear$", "q"),
     (_ATTN + r"\.experts\.output_linear$", "o"),
     # --- attention-output gates (before the FFN gate_proj rule)
-    (_ATTN + r"\.(?:gate_proj|g_proj|output_gate)$", "attn_gate"),
+    (_ATTN + r"\.(?:gate_proj|g_proj|output_gate|o_proj\.gate_proj)$", "attn_gate"),
+    (r"(?:layernorm|norm)\.mlp\.fc[12]$", "aux", "norm_gate"),  # AXK2: a low-rank gate inside the norm
     # --- separate attention projections
     (r"(?:^|\.)(?:q_proj|query|query_proj|wq|q_lin|q_proj_weight|project_q)(?:\.linear)?$", "q"),
     (r"(?:^|\.)(?:k_proj|key|key_proj|wk|k_lin|k_proj_weight|project_k)(?:\.linear)?$", "k"),
@@ -159,12 +160,7 @@ NAME_RULES: tuple[Rule, ...] = (
     ),
     (r"(?:^|\.)adapter_modules\.\w+\.dense[12]$", "aux", "adapter"),
     (r"(?:^|\.)\w+_adapter_list\.\d+\.\d+$", "aux", "adapter"),
-    (r"(?:^|\.)self_attn\.dt_proj$", "aux", "dynamic_mask"),
-    (
-        r"(?:layernorm|norm)\.mlp\.fc[12]$",
-        "aux",
-        "norm_gate",
-    ),  # AXK2: a low-rank gate inside the norm  # Doge: a mask from the values, not Q/K
+    (r"(?:^|\.)self_attn\.dt_proj$", "aux", "dynamic_mask"),  # Doge: a mask from the values, not Q/K
     (
         r"(?:^|\.)(?:sink_proj|r_proj|rel_logits_proj\.proj|relative_position_bias\.(?:linear|proj))$",
         "aux",

@@ -134,7 +134,9 @@ def _classify(name: str, shape: Iterable[int] | None, context: _Context) -> tupl
     elif not overridden and NON_MATRIX.search(name):
         return None, True  # no shape given: judge by name (norms, biases, class tokens)
     component, qualifier, recognised = match_rule(name, context.compiled, context.family)
-    layer = layer_of(name) if component not in ("embed", "lm_head") else None
+    # embeddings, heads and recognised head-side matrices (classifiers, projectors) belong to no layer
+    layerless = component in ("embed", "lm_head") or (component == "other" and qualifier is not None)
+    layer = None if layerless else layer_of(name)
     if layer is not None and layer in context.recurrent and not overridden:
         component = _IN_RECURRENT_LAYER.get(component, component)
     expert_found = EXPERT_INDEX.search(name)

@@ -189,8 +189,10 @@ def run_sweep(
     progress: Callable[[FamilyResult], Any] | None = None,
     discover: bool = False,
 ) -> list[FamilyResult]:
-    """Sweep ``families`` (default: :func:`all_families`), one at a time, in this process."""
+    """Sweep ``families`` (default: :func:`all_families`), one at a time, in this process, on one torch thread (the
+    models are tiny: a second thread only spins, and on a shared machine slows every op many times over)."""
     torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     results = []
     try:
         for model_type in families or all_families():
