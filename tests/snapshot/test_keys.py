@@ -1,5 +1,5 @@
 """Metric keys come from roles, not names: the same matrix of two families, or of one model wrapped or not, gets the
-same dashboard key (docs/monitor.md, the table of keys)."""
+same dashboard key (docs/roles.md, "Stable metric keys")."""
 
 from __future__ import annotations
 
