@@ -4,7 +4,7 @@ Writes a synthetic safetensors file (Gaussian fp32 and bf16 matrices with LLaMA-
 directory, scans it in a fresh subprocess and prints that process's peak RSS beside the largest tensor's size and
 beside the RSS of a process that only imports what the scan imports. The file is deleted afterwards.
 
-Target (issue 7): peak RSS <= largest tensor + 300 MB.
+Target: peak RSS <= largest tensor + 300 MB.
 
     python benchmarks/scan_memory.py [--gb 2.0] [--method histogram] [--dir /tmp] [--compare-safe-open]
 """

@@ -1,4 +1,8 @@
-"""Reading W&B offline run files (``run-*.wandb``) back, for the tests that check what the sinks sent to W&B."""
+"""Reading W&B offline run files (``run-*.wandb``) back, for the tests that check what the sinks sent to W&B.
+
+Every reader takes the run file or its run directory (``wandb/offline-run-*/``, which holds exactly one
+``run-*.wandb``); anything else is refused with an error that says what was expected.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,26 @@ _HEADER = 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
+def run_file(path: str | Path) -> Path:
+    """The ``run-*.wandb`` file of ``path``: the file itself, or the one inside a run directory."""
+    given = Path(path)
+    if given.is_dir():
+        found = sorted(given.glob("run-*.wandb"))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise FileNotFoundError(
+                f"{given}: no run-*.wandb file in this directory; pass a W&B run directory "
+                "(wandb/offline-run-*/) or its run-*.wandb file"
+            )
+        raise ValueError(f"{given}: several run files ({', '.join(f.name for f in found)}); pass one of them")
+    if not given.exists():
+        raise FileNotFoundError(f"{given}: no such W&B run file or run directory")
+    if given.suffix != ".wandb":
+        raise ValueError(f"{given} is not a W&B run file (run-*.wandb) or a run directory (wandb/offline-run-*/)")
+    return given
+
+
 def iter_run_records(path: str | Path) -> Iterator[Any]:
     """Yield the ``wandb_internal_pb2.Record`` messages of a W&B run file (``run-*.wandb``).
 
@@ -23,7 +47,8 @@ def iter_run_records(path: str | Path) -> Iterator[Any]:
     """
     from wandb.proto import wandb_internal_pb2
 
-    data = Path(path).read_bytes()
+    path = run_file(path)
+    data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file (missing ':W&B' header)")
     position = _HEADER
@@ -73,6 +98,7 @@ def wait_for_run_file(path: str | Path, timeout_s: float = 30.0, poll_s: float =
     ``wandb.finish()`` returns before W&B's service process has flushed the run file (measured here: 2 of 8
     offline runs still held only the 7-byte header right after it), so readers wait for the ``exit`` record.
     """
+    path = run_file(path)
     deadline = time.monotonic() + timeout_s
     while not run_file_complete(path):
         if time.monotonic() > deadline:
@@ -93,6 +119,18 @@ def read_run_history(path: str | Path) -> list[dict[str, Any]]:
             row[key] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """The run's config as the run file records it (the initial config, then every update), JSON values decoded."""
+    config: dict[str, Any] = {}
+    for record in iter_run_records(path):
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else ()
+        for item in items:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            config[key] = json.loads(item.value_json)
+    return config
 
 
 def read_run_alerts(path: str | Path) -> list[dict[str, Any]]:

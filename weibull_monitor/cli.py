@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--out", metavar="DIR", default=None, help="output directory (default: <STORE>_report)"
     )
     report.add_argument("--run", metavar="NAME_OR_ID", default=None, help="which run (default: every run)")
+    report.add_argument(
+        "--no-branches",
+        action="store_true",
+        help="do not draw abandoned (superseded) branches faintly beside the live timeline",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -156,7 +161,7 @@ def _report(args: argparse.Namespace) -> int:
     if not store.is_file():
         raise FileNotFoundError(f"{store}: no such run store")
     out = Path(args.out) if args.out else store.with_name(store.stem + "_report")
-    page = write_report(store, out, run=args.run)
+    page = write_report(store, out, run=args.run, branches=not args.no_branches)
     print(f"report: {page}")
     print(f"open it with: python -m webbrowser file://{page.resolve()}")
     return 0

@@ -106,3 +106,20 @@ def test_replicated_matrices_are_dealt_out_by_element_count():
 def test_not_distributed_means_local_and_agree_is_the_flag_itself():
     assert distributed.is_active() is False
     assert distributed.agree(True) is True and distributed.agree(False) is False
+
+
+def test_in_one_process_sharded_parameters_are_fitted_from_their_local_pieces():
+    # A world of one (FSDP2 on a single GPU, a debugging run): the local pieces hold every element, so a sharded
+    # parameter and its split parts fit exactly as the plain weight does, instead of being skipped.
+    from weibull_monitor.estimator import fit_many
+
+    weight = torch.randn(12, 40) * 0.02
+    param = zero3_standin(weight, rank=0, world=1)
+    matrix = distributed.matrix_of(param)
+    assert isinstance(matrix, distributed.ShardedMatrix) and matrix.shape == weight.shape
+    parts = matrix.split(lambda t: {"q": t[:4], "k": t[4:8], "v": t[8:]})
+    assert all(isinstance(p, distributed.ShardedView) for p in parts.values())
+    fits = distributed.fit_matrices(["w", *parts], [matrix, *parts.values()])
+    expected = fit_many({"w": weight, "q": weight[:4], "k": weight[4:8], "v": weight[8:]})
+    for key, fit in fits.items():
+        assert fit.ok and fit.to_dict() == pytest.approx(expected[key].to_dict()), key

@@ -1,4 +1,4 @@
-"""The fit engine against the protocol (science.md sections 1, 2, 6): anchors, recovery, methods agreeing, bad input."""
+"""The fit engine against the protocol (docs/estimator.md): anchors, recovery, methods agreeing, bad input."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_anchors_are_computed_and_match_the_measured_constants():
     assert abs(K_GAUSSIAN - 1.2054) <= 1e-4
     assert abs(LAMBDA_PER_SIGMA / 0.8875 - 1) <= 2e-3
     assert abs(R2_GAUSSIAN - 0.9977) <= 1e-4
-    # The same quadrature gives the other measured anchors of science.md section 2 ...
+    # The same quadrature gives the other measured anchors of docs/estimator.md ...
     k_uniform, _, _ = _quadrature.line_fit_limit(np.log)  # |w| uniform on (0, 1): quantile F
     assert abs(k_uniform - 1.3751) <= 1e-4
     k_exp, ln_scale_exp, r2_exp = _quadrature.line_fit_limit(lambda f: np.log(-np.log1p(-f)))
@@ -109,7 +109,7 @@ def test_gaussian_4096_both_methods_hit_the_anchor(gaussian_4096):
         assert abs(fit.k - K_GAUSSIAN) < 0.002, fit
         assert abs(fit.scale / (LAMBDA_PER_SIGMA * SIGMA) - 1) <= 2e-3, fit
         assert abs(fit.r2 - R2_GAUSSIAN) < 5e-4
-        # The stderr is the Gaussian 1.365/sqrt(n) and 0.862/sqrt(n) of science.md section 2.
+        # The stderr is the Gaussian 1.365/sqrt(n) and 0.862/sqrt(n) measured on Gaussian samples (docs/estimator.md §4).
         assert abs(fit.k_stderr * math.sqrt(fit.n) - 1.365) < 0.01
         assert abs(fit.scale_rel_stderr * math.sqrt(fit.n) - 0.862) < 0.01
     assert_close_fits(hist, exact, "gaussian fp32 4096x4096")

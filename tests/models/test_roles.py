@@ -1,4 +1,4 @@
-"""Role map: every family of issue 3 built from its transformers config class (tiny sizes, random init, no download).
+"""Role map: every family docs/roles.md lists, built from its transformers config class (tiny sizes, random init, no download).
 
 Each case states by hand how many matrices of each component the model holds (L layers -> L per component), so a
 naming rule that breaks shows up as a count that moves, and asserts that no projection falls into ``other``.

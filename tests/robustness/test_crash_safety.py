@@ -1,4 +1,4 @@
-"""Crash safety (issue 9): a training run SIGKILLed 20 times at random moments while it writes snapshots, and
+"""Crash safety: a training run SIGKILLed 20 times at random moments while it writes snapshots, and
 restarted each time from its last checkpoint, leaves a store identical to that of an uninterrupted run.
 
 The campaign runs in tests/robustness/fault_scripts/crash_campaign.py (forked lives of one training run; see its docstring

@@ -1,4 +1,4 @@
-"""Faults that must not stop training (issue 9): a W&B run that raises, a TensorBoard directory that cannot be
+"""Faults that must not stop training: a W&B run that raises, a TensorBoard directory that cannot be
 written, the SQLite store locked by another process, a full disk (real ENOSPC on a 1 MiB tmpfs), a sink that hangs.
 
 Each test trains a real tiny LLaMA with a real monitor, injects one fault for a stretch of steps, clears it, and

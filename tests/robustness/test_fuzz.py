@@ -1,4 +1,4 @@
-"""Property-based tests of the fit engine on bad and odd inputs (issue 9).
+"""Property-based tests of the fit engine on bad and odd inputs.
 
 Every test draws tensors of random shapes (0 and 1 elements included), float dtypes (fp64, fp32, bf16, fp16 and
 every float8 variant this torch has), special values (NaN, +-Inf, +-0, denormals of the dtype), scales from 1e-30

@@ -1,4 +1,4 @@
-"""Load (issue 9): one snapshot over a model of 10,000 small matrices, and one over a 1e9-element bf16 matrix, on
+"""Load: one snapshot over a model of 10,000 small matrices, and one over a 1e9-element bf16 matrix, on
 CPU, each in its own process whose resident memory this test watches (and kills past the bound, so a blow-up
 fails the test in seconds instead of taking the machine down). Figures are printed (run with -s to see them).
 """

@@ -1,4 +1,4 @@
-"""Security (issue 9): no unpickling of untrusted files, bound SQL parameters, no escaping symlinks, no network,
+"""Security: no unpickling of untrusted files, bound SQL parameters, no escaping symlinks, no network,
 meta/offloaded parameters skipped and never materialised."""
 
 from __future__ import annotations

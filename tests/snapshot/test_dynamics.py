@@ -146,3 +146,27 @@ def test_fused_parent_stays_out_of_class_aggregates():
 def test_median_stderr():
     assert dynamics.median_stderr([0.02] * 4) == pytest.approx(1.2533 * 0.02 / 2)
     assert math.isnan(dynamics.median_stderr([math.nan]))
+
+
+def test_drift_is_also_measured_from_each_matrix_own_start():
+    # PyTorch's default nn.Linear init is uniform (k ~ 1.375, far from the Gaussian anchor): the drift from the
+    # matrix's first fit starts at 0 whatever the initialisation, with its significance in combined stderrs.
+    from weibull_monitor.distributed import LocalMatrix
+    from weibull_monitor.estimator import fit_many
+    from weibull_monitor.snapshot import MatrixEntry, SnapshotBuilder
+
+    layer = torch.nn.Linear(256, 256)
+    role = Role(layer=0, component="q", klass="selection")
+    entries = [MatrixEntry("q", "q", LocalMatrix(layer.weight), role)]
+    builder = SnapshotBuilder()
+    first = builder.build(0, entries, fit_many({"q": layer.weight.detach()}))
+    stats = first.matrices["q"]
+    assert stats.drift > 0.1 and stats.drift_z > 10  # far from the Gaussian anchor...
+    assert stats.drift_from_first == 0.0 and stats.drift_from_first_z == 0.0  # ...and at its own start
+    with torch.no_grad():
+        layer.weight.mul_(torch.distributions.Laplace(1.0, 0.3).sample(layer.weight.shape))  # heavier tail
+    later = builder.build(10, entries, fit_many({"q": layer.weight.detach()})).matrices["q"]
+    assert later.k_first == stats.k_first and later.drift_from_first < -0.05 and later.drift_from_first_z < -5
+    restored = SnapshotBuilder()
+    restored.load_state_dict(builder.state_dict())
+    assert restored.k_first == builder.k_first

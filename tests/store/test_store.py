@@ -129,3 +129,19 @@ def test_writer_drops_a_snapshot_the_store_rejects_and_keeps_going(tmp_path, cap
     assert store.steps() == [20] and writer.rejected == 1
     assert any("rejected the snapshot of step 10" in r.getMessage() for r in caplog.records)
     store.close()
+
+
+def test_record_fields_are_columns_and_an_older_store_gains_new_ones(tmp_path):
+    from weibull_monitor.estimator.record import FIELDS
+    from weibull_monitor.snapshot.dynamics import STAT_FIELDS
+
+    path = tmp_path / "old.sqlite"
+    with RunStore(path) as store:
+        columns = {row[1] for row in store._conn.execute("PRAGMA table_info(fits)")}
+        assert set(FIELDS) <= columns and set(STAT_FIELDS) <= columns
+    with sqlite3.connect(path) as conn:  # a store written before k_first existed
+        conn.execute("ALTER TABLE fits DROP COLUMN k_first")
+    with RunStore(path) as store:
+        run = store.open_run("r", {})
+        assert store.write_snapshot(run, make_snapshot(3))
+        assert all("k_first" in row for row in store.fits(step=3))

@@ -189,6 +189,11 @@ class AlertEngine:
                 state.streak += 1
                 if state.streak < rule.patience:
                     continue
+                if state.last_fired is not None and step < state.last_fired:
+                    # fired "later" than now: a timeline that was rolled back. That firing never happened on this
+                    # timeline, so it neither starts a cooldown nor spends a once-only alert.
+                    state.last_fired = None
+                    state.fired = False
                 if rule.once and state.fired:
                     continue
                 if state.last_fired is not None and step - state.last_fired < rule.cooldown:
@@ -207,6 +212,17 @@ class AlertEngine:
                     )
                 )
         return alerts
+
+    def rewind(self, step: int) -> None:
+        """Forget what happened after ``step`` when no saved state of that step exists (a rollback the monitor was
+        not given the state of): firings after ``step`` are undone (no cooldown, a once-only rule may fire
+        again), and every streak restarts, since how long it was at ``step`` is unknown. Prefer
+        :meth:`load_state_dict` with the state saved at ``step``, which is exact."""
+        for state in self._state.values():
+            state.streak = 0
+            if state.last_fired is not None and state.last_fired > step:
+                state.last_fired = None
+                state.fired = False
 
     def state_dict(self) -> dict[str, Any]:
         """Counters as JSON-friendly plain data."""

@@ -1,7 +1,7 @@
 """The scaling study: train one small model from one seed at several (η, λ_wd) settings with the monitor attached,
 then read the store back and check the paper's training-dynamics findings against AdamW physics.
 
-Physics (``shared/science.md`` §4). With AdamW every element moves by about η per step (Adam normalises the
+Physics (docs/study.md). With AdamW every element moves by about η per step (Adam normalises the
 gradient) while decoupled decay shrinks it by η·λ_wd·w. The two balance when the weights' spread reaches an
 equilibrium proportional to √(η/λ_wd), and they get there on the timescale τ = 1/(η·λ_wd) steps. So:
 
@@ -175,7 +175,7 @@ class StudyConfig:
 
 
 # hidden 128 rather than the toy's 64: a 128x128 W_q has 16k elements, which halves the noise of each k
-# (sd 1.365/√n, science.md §2) and keeps the Selection trajectories readable; it costs ~2x the CPU time
+# (sd 1.365/√n, docs/estimator.md §4) and keeps the Selection trajectories readable; it costs ~2x the CPU time
 _LLAMA_DEFAULT = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2}
 _NEOX_DEFAULT = {
     "hidden_size": 128,

@@ -44,7 +44,7 @@ def _sorted_magnitudes(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def fit_exact(t: torch.Tensor) -> WeibullFit:
-    """The sort-based reference (science.md section 1), all arithmetic in float64."""
+    """The sort-based reference (docs/estimator.md §1), all arithmetic in float64."""
     a, n_zero, n_nonfinite = _sorted_magnitudes(t)
     n = int(a.numel())
     reason = too_few_reason(n, n_zero, n_nonfinite)

@@ -66,7 +66,7 @@ def _stderr_batch(sums: np.ndarray, k: np.ndarray, n: np.ndarray) -> tuple[np.nd
     B a Brownian bridge; the OLS slope and intercept are linear in those fluctuations, and integration by parts
     turns each variance into single integrals (docs/estimator.md). For Weibull data the cubic is a line and this is
     the exact asymptotic result; for Gaussian weights it gives 1.365/sqrt(n) and 0.862/sqrt(n), the constants
-    measured in science.md section 2.
+    measured on Gaussian samples (docs/estimator.md §4).
     """
     col = {name: sums[:, i] for i, name in enumerate(SUM_NAMES)}
     w = col["w"]

@@ -7,7 +7,9 @@ Two lines::
 
 It observes after optimizer steps (``state.global_step``, so gradient accumulation is handled), sends metrics to
 the dashboards named in ``args.report_to`` (W&B, TensorBoard, MLflow), alerts to W&B, keeps its store under
-``args.output_dir`` and exports its state into checkpoints so ``resume_from_checkpoint`` continues the series.
+``args.output_dir`` and exports its state into checkpoints so ``resume_from_checkpoint`` continues the series:
+resuming from an earlier checkpoint rewinds it (the store starts a new branch of the run at that step, keeping what
+the abandoned timeline wrote after it as superseded rows; see docs/integrations.md, "Resume and rewind").
 """
 
 from __future__ import annotations
@@ -181,6 +183,11 @@ class WeibullCallback(TrainerCallback, ExportableState):
         if start_series(self.monitor, saved, state.global_step, self.settings.stop_on_critical):
             control.should_training_stop = True
         self.resume_state = None
+        exported = getattr(state, "stateful_callbacks", None)
+        if isinstance(exported, dict) and type(self).__name__ not in exported:
+            # resumed from a checkpoint saved without this callback: transformers looks the callback up there
+            # when it saves the next checkpoint and would fail with a KeyError
+            exported[type(self).__name__] = self.state()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

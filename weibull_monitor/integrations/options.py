@@ -159,16 +159,40 @@ def start_series(
 ) -> bool:
     """Continue a resumed series or open a fresh one; True when training should stop already.
 
-    Resumed (a saved state): λ_first, T/τ sums and alert counters come back, and a stop requested before is
-    cleared (resuming is the user's decision to go on). Fresh (step 0): the initial weights are snapshotted,
-    the reference of scale growth.
+    - Resumed with a saved state (the checkpoint's): the monitor goes back to its state at ``global_step`` (λ_first,
+      T/τ sums, alert counters), a stop requested before is cleared (resuming is the user's decision to go on),
+      and the store starts a new branch of the run there: what an abandoned timeline wrote after that step is kept,
+      marked superseded, outside the run's series.
+    - Fresh (step 0): the initial weights are snapshotted, the reference of scale growth (a run name that already
+      has a timeline in the store restarts it, with a warning: the old timeline is kept as a superseded branch).
+    - Resumed without a saved state (a checkpoint written without this callback): the state comes from the store's
+      last snapshot at or before that step when the run name has one, else the series starts fresh there (a
+      warning says so).
     """
+    step = int(global_step)
     if saved_state is not None:
-        monitor.load_state_dict(saved_state)
+        monitor.resume(step, saved_state)
         monitor.stop_requested = False
         return False
-    if int(global_step) == 0:
+    if step == 0:
+        others = monitor.other_runs() if hasattr(monitor, "other_runs") else []
+        if others:
+            logger.info(
+                "weibull-monitor: the store %s already holds %d other run(s) (last: %r); this training is the new "
+                "run %r (resume from a checkpoint to continue one, or pass its run_name to restart it)",
+                getattr(monitor.store, "path", "?"),
+                len(others),
+                others[-1],
+                monitor.run_name,
+            )
         return observe(monitor, 0, stop_on_critical)
+    logger.warning(
+        "weibull-monitor: training resumed at step %d from a checkpoint that holds no weibull-monitor state "
+        "(saved before the callback was added?)",
+        step,
+    )
+    monitor.resume(step, reason="resume without state")
+    monitor.stop_requested = False
     return False
 
 

@@ -40,14 +40,11 @@ SELECTION_EXPECTATION_BY_ATTENTION = {
     "fused": "transitional",
 }
 
-# Reference-library thresholds (science.md section 5); alert rules take these as defaults.
+# The paper's reference-library thresholds (docs/monitor.md); alert rules take these as defaults.
 TRANSMISSION_BAND = (1.18, 1.21)
-MILD_SELECTION_LOW = 0.95
 STRONG_SELECTION_BELOW = 0.95
 R2_WEIBULL_MIN = 0.95
 AT_INIT_TOLERANCE = 0.01
-DRIFT_INVARIANT_BELOW = 0.01
-DRIFT_STRONG_ABOVE = 0.30
 
 #: Pythia's within-family constant: terminal lambda ~= 0.087 * sqrt(lr / weight_decay). Does not carry across families.
 PYTHIA_SCALE_PER_SQRT_LR_WD = 0.087

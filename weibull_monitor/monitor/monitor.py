@@ -14,6 +14,11 @@ Step semantics: ``observe(step)`` takes the number of optimizer updates applied 
 ``step % every == 0``, including step 0 (call ``observe(0)`` before training to record the initial weights, the
 reference of scale growth). A step seen before is ignored, so calling it per micro-batch is harmless.
 
+Resume and rewind (``resume``, ``load_state_dict``; module ``resume``): training that continues from a checkpoint
+of step s puts the monitor back in its state at s and starts a new branch of the run in the store at s; what the
+abandoned timeline wrote after s is kept, marked superseded, outside the run's series. A step lower than the last
+one seen, with no resume announced, is taken for a rollback (with a warning).
+
 T/τ: when the optimizer is a ``torch.optim.Optimizer`` (wrappers such as accelerate's or Lightning's are
 unwrapped), a step pre-hook adds η·λ_wd of every parameter group at each real update: exact whatever the order of
 ``scheduler.step()`` and ``observe``, and updates skipped by a gradient scaler do not count. Otherwise ``observe``
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +46,7 @@ from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
 from weibull_monitor.monitor.filters import NameFilter, name_filter
 from weibull_monitor.monitor.optim import group_of_params, group_rates, unwrap_optimizer
+from weibull_monitor.monitor.resume import ResumeMixin, state_step
 from weibull_monitor.sinks.base import Sink
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, adapters, collect_entries
@@ -59,19 +66,20 @@ def check_every(every: object) -> None:
         raise ValueError(f"every must be a positive number of optimizer steps, got {every!r}")
 
 
-class WeibullMonitor:
+class WeibullMonitor(ResumeMixin):
     """Periodic Weibull snapshots of every weight matrix of ``model``, with dynamics, alerts, store and sinks.
 
     Args:
         model: the module whose weights are watched (unwrapped: not the DDP/FSDP wrapper's names).
         optimizer: its optimizer (for η, λ_wd and T/τ); None leaves those figures missing.
         every: snapshot every this many optimizer steps (>= 1).
-        store: SQLite path, an open :class:`RunStore`, or None for no store.
+        store: SQLite path, an open :class:`RunStore`, or None / False for no store.
         sinks: where metrics and alerts go; each is wrapped in a :class:`GuardedSink`.
         rules: alert rules (None: the built-in :func:`weibull_monitor.alerts.default_rules`; [] for none).
         include / exclude: parameter names to watch / skip (glob patterns, a regex or a callable).
         method: ``"histogram"`` (fast, default) or ``"exact"`` (full sort).
-        run_name: the run in the store; reusing a name resumes that run (its state is restored from the store).
+        run_name: the run in the store; reusing a name resumes that run (its state is restored from the store);
+            a restart from step 0 under a used name supersedes the old timeline, with a warning.
         on_alert: called with every fired :class:`Alert` (exceptions are reported once, never raised).
         stop_on_critical: set :attr:`stop_requested` when a critical alert fires (agreed across ranks).
         overrides: role-map overrides (regex -> component).
@@ -87,7 +95,7 @@ class WeibullMonitor:
         optimizer: Any = None,
         *,
         every: int = 100,
-        store: str | RunStore | None = "weibull.sqlite",
+        store: str | os.PathLike[str] | RunStore | bool | None = "weibull.sqlite",
         sinks: Sequence[Sink] = (),
         rules: Sequence[Rule] | None = None,
         include: NameFilter = None,
@@ -107,6 +115,14 @@ class WeibullMonitor:
         check_method(method)
         if on_alert is not None and not callable(on_alert):
             raise TypeError("on_alert must be callable")
+        if store is True:
+            store = "weibull.sqlite"
+        if store is False:  # the callbacks' spelling of "no store"
+            store = None
+        if store is not None and not isinstance(store, (str, os.PathLike, RunStore)):
+            raise TypeError(
+                f"store must be a path, a RunStore, or None/False for no store; got {type(store).__name__}"
+            )
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         if self.optimizer is not None and not hasattr(self.optimizer, "param_groups"):
@@ -137,6 +153,7 @@ class WeibullMonitor:
         self._reported: set[str] = set()
         self._closed = False
         self._hook = None
+        self._init_resume()
         if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
             try:
                 self._hook = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
@@ -153,7 +170,13 @@ class WeibullMonitor:
                 self._store = store
             else:
                 self._store_path = store
-            self._store_writer = StoreWriter(self._store_target)
+            self._store_writer = StoreWriter(
+                self._store_target,
+                identity=self.identity,
+                dashboards=self._dashboards,
+                on_fork=self._on_fork,
+                on_superseded=self._on_superseded,
+            )
             self._restore_from_store()
 
     # ------------------------------------------------------------------------------------------ stepping
@@ -169,22 +192,26 @@ class WeibullMonitor:
         return self.builder.scale_first
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.budget.record(group_rates(optimizer))
+        rates = group_rates(optimizer)
+        self.budget.record(rates)
+        self._record_update(rates)
 
     def observe(self, step: int) -> Snapshot | None:
         """Call once per optimizer step with the number of updates done so far. Returns the snapshot when
         ``step % every == 0`` (and it was not taken yet), else None. Never raises for a failing snapshot: the
         failure is logged once and training goes on."""
         step = int(step)
+        if self._went_back(step):  # a rollback nobody announced: the monitor rewinds first (and warns)
+            self._since_observe = []
         previous = self._last_seen_step
+        self._observed = True
         if previous is not None and step == previous:
             return None
+        self._since_observe = []
         if self._hook is None and self.optimizer is not None:
             updates = step if previous is None else step - previous
             if updates > 0:
                 self.budget.record(group_rates(self.optimizer), updates)
-        if previous is not None and step < previous:
-            logger.info("weibull-monitor: step went back from %d to %d (resumed run?)", previous, step)
         self._last_seen_step = step
         if step % self.every != 0 or step == self._last_snapshot_step:
             return None
@@ -250,9 +277,11 @@ class WeibullMonitor:
             self.stop_requested = True
         self._last_snapshot_step = step
         self.last_snapshot = snapshot
+        state = self.state_dict()
+        self._remember(step, state)
         snapshot.duration_s = time.perf_counter() - started
         if self.writer:
-            self._emit(snapshot)
+            self._emit(snapshot, state)
         return snapshot
 
     # ------------------------------------------------------------------------------------------ outputs
@@ -263,9 +292,9 @@ class WeibullMonitor:
         self._reported.add(topic)
         logger.warning("%s (reported once)", message, exc_info=exc)
 
-    def _emit(self, snapshot: Snapshot) -> None:
+    def _emit(self, snapshot: Snapshot, state: dict[str, Any] | None = None) -> None:
         if self._store_writer is not None:
-            self._store_writer.write(snapshot, self.state_dict())
+            self._store_writer.write(snapshot, self.state_dict() if state is None else state)
         for alert in snapshot.alerts:
             logger.log(LOGGING_LEVELS.get(alert.level, logging.WARNING), "weibull-monitor alert: %s", alert)
         for sink in self._sinks:
@@ -328,7 +357,7 @@ class WeibullMonitor:
             )
             return
         if state:
-            self.load_state_dict(state)
+            self._apply_state(state)
             logger.info(
                 "weibull-monitor: resumed run %r from the store (last snapshot %s)",
                 self.run_name,
@@ -389,10 +418,24 @@ class WeibullMonitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (from a checkpoint or the store): the run continues, same name."""
+        """Resume from :meth:`state_dict` output saved in a checkpoint: the run continues under its name from the
+        state's step; the store starts a new branch there, superseding what an abandoned timeline wrote after it
+        (see :meth:`resume`)."""
+        self._check_state(state)
+        self.resume(state_step(state), state)
+
+    @staticmethod
+    def _check_state(state: Any) -> None:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"not a WeibullMonitor state of version {_STATE_VERSION}")
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        """Put the monitor in ``state`` (no branch, no store write)."""
+        self._check_state(state)
         if state["run_name"] != self.run_name:
+            if self._store_writer is not None:  # what is pending belongs to the old run
+                self._store_writer.retry()
+                self._store_writer.branch = None
             self.run_name = str(state["run_name"])
             self._run_id = None
         self._last_seen_step = state.get("last_seen_step")

@@ -70,6 +70,17 @@ class GuardedSink(Sink):
     def log_snapshot(self, snapshot: Any) -> None:
         self._submit("log_snapshot", (snapshot,))
 
+    def rewind(self, step: int, superseded: Any = ()) -> None:
+        # duck-typed sinks without rewind() take the resumed points as they come
+        if callable(getattr(self.sink, "rewind", None)):
+            self._submit("rewind", (step, superseded))  # in order with the sink's other calls
+
+    def location(self) -> list[dict[str, Any]]:
+        try:
+            return list(getattr(self.sink, "location", list)() or ())
+        except Exception:  # where a sink writes is informative only
+            return []
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued call has run (at most ``timeout`` s, default the guard's). True if drained."""
         self._check_hang()

@@ -4,13 +4,22 @@ Metrics go through the logger's own ``log_metrics`` (so CSV, TensorBoard, W&B, M
 work). Loggers with a richer surface get more: a ``WandbLogger`` gets W&B alerts, the table of fits and the k
 heatmap; a ``TensorBoardLogger`` gets the custom-scalars layout and its reference lines. Lightning is not imported
 here: loggers are recognised by duck typing, so this module loads without it.
+
+Rewinds: a ``TensorBoardLogger``'s points are hidden by the TensorBoard sink's purge event; a W&B logger's run
+follows the W&B sink; any other logger that already holds the abandoned timeline's points (an ``MLFlowLogger``
+resumed into the same run, or any logger in a rollback inside one process) gets the resumed steps after the last
+abandoned one only. A new logger version, Lightning's default on ``fit(ckpt_path=...)``, needs nothing, and neither
+does a ``CSVLogger`` pinned to an old version: Lightning deletes that version's ``metrics.csv`` when a new fit opens
+it, so the file holds the resumed fit only.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.base import Sink, StepHold
 from weibull_monitor.sinks.registry import SinkContext, dashboard_for_logger, rich_sink_for_logger
 from weibull_monitor.snapshot import keys
 
@@ -52,7 +61,10 @@ class LightningLoggerSink(Sink):
         self._rich_sink: Sink | None = None
         self._rich_sink_made = False
         self._alert_counts: dict[str, int] = {}
-        self.run_in_thread = dashboard_for_logger(logger) is not None
+        dashboard = dashboard_for_logger(logger)
+        self.run_in_thread = dashboard is not None
+        self.purges = dashboard is not None and dashboard.name == "tensorboard"  # its points can be hidden
+        self.hold = StepHold(self.name)
 
     @property
     def name(self) -> str:
@@ -70,13 +82,24 @@ class LightningLoggerSink(Sink):
                     logger=self.logger,
                 )
                 self._rich_sink = rich_sink_for_logger(self.logger, context)
+                shared = getattr(self._rich_sink, "hold", None)
+                if isinstance(
+                    shared, StepHold
+                ):  # one record of what the run holds, whichever path a point took
+                    shared.sent = self.hold.sent
+                    self.hold = shared
         return self._rich_sink
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if metrics:
+        if metrics and self.rich and self.purges is False:
+            self._rich()  # shares the W&B sink's record of the steps sent before any is sent
+        if metrics and not self.hold.held(step):
             self.logger.log_metrics({key: float(value) for key, value in metrics.items()}, step=int(step))
+            self.hold.note(step)
 
     def log_alert(self, alert: Alert) -> None:
+        if self.hold.held(alert.step):
+            return
         rich = self._rich()
         if rich is not None:
             rich.log_alert(alert)  # W&B: run.alert + counter; TensorBoard: counter + text
@@ -87,9 +110,34 @@ class LightningLoggerSink(Sink):
         )
 
     def log_snapshot(self, snapshot: Snapshot) -> None:
+        if self.hold.held(snapshot.step):
+            return
         rich = self._rich()
         if rich is not None:
             rich.log_snapshot(snapshot)
+
+    def location(self) -> list[dict[str, Any]]:
+        rich = self._rich()
+        places = list(rich.location()) if rich is not None else []
+        if not places:
+            where = getattr(self.logger, "log_dir", None) or getattr(self.logger, "run_id", None)
+            if where is not None:
+                where = os.path.abspath(where) if isinstance(where, str) and os.path.sep in where else where
+                places.append({"kind": f"lightning:{type(self.logger).__name__}", "id": str(where)})
+        return places
+
+    def rewind(self, step: int, superseded: Sequence[Mapping[str, Any]] = ()) -> None:
+        rich = self._rich()
+        if rich is not None:
+            rich.rewind(
+                step, superseded
+            )  # TensorBoard: purge; W&B: its hold (shared with ours) and config note
+            if self.purges or getattr(rich, "hold", None) is self.hold:
+                return
+        if not self.purges:
+            # a new CSVLogger starts its metrics.csv afresh: only what this logger itself sent can be there
+            fresh_file = "CSVLogger" in {cls.__name__ for cls in type(self.logger).__mro__}
+            self.hold.rewind(step, () if fresh_file else superseded, self.location())
 
     def close(self) -> None:
         # The logger belongs to the Trainer; only our own helper is let go (it never closes a shared writer).

@@ -2,17 +2,23 @@
 
 MLflow is imported lazily. The sink logs to one run, by id, through ``MlflowClient`` so it never depends on
 (or changes) which run is "active" in the calling thread.
+
+Rewinds: MLflow cannot remove metric points. A resumed training that logs to a new MLflow run (the HF Trainer's
+default) needs nothing; one that continues the same run (``MLFLOW_RUN_ID``, or a rollback inside one process)
+holds back the resumed steps up to the last abandoned one, so no step is logged twice (the run store has them),
+and tags the run ``weibull.rewind``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.models.naming import display_name
 from weibull_monitor.plain_data import finite_or_none
-from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.base import Sink, StepHold
 from weibull_monitor.sinks.registry import SinkContext
 from weibull_monitor.snapshot import keys
 
@@ -43,6 +49,7 @@ class MLflowSink(Sink):
         self.log_fits = log_fits
         self._client: Any = None
         self._alert_counts: dict[str, int] = {}
+        self.hold = StepHold("MLflowSink")
 
     def _target(self) -> tuple[Any, str]:
         if self._client is None:
@@ -63,6 +70,8 @@ class MLflowSink(Sink):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.hold.held(step):
+            return
         client, run_id = self._target()
         now_ms = int(time.time() * 1000)
         batch = []
@@ -74,8 +83,11 @@ class MLflowSink(Sink):
             batch.append(Metric(key=key, value=number, timestamp=now_ms, step=int(step)))
         for start in range(0, len(batch), MLFLOW_BATCH_LIMIT):
             client.log_batch(run_id, metrics=batch[start : start + MLFLOW_BATCH_LIMIT])
+        self.hold.note(step)
 
     def log_alert(self, alert: Alert) -> None:
+        if self.hold.held(alert.step):
+            return
         client, run_id = self._target()
         self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
         self.log_metrics({keys.alert_count(alert.level): self._alert_counts[alert.level]}, alert.step)
@@ -86,7 +98,7 @@ class MLflowSink(Sink):
         )
 
     def log_snapshot(self, snapshot: Snapshot) -> None:
-        if not self.log_fits:
+        if not self.log_fits or self.hold.held(snapshot.step):
             return
         client, run_id = self._target()
         rows = []
@@ -114,6 +126,26 @@ class MLflowSink(Sink):
             {"step": int(snapshot.step), "fits": rows},
             keys.fits_artifact(snapshot.step),
         )
+
+    def location(self) -> list[dict[str, Any]]:
+        try:
+            client, run_id = self._target()
+        except Exception:
+            return []
+        uri = (
+            self.tracking_uri
+            or getattr(client, "tracking_uri", None)
+            or getattr(client, "_tracking_uri", None)
+        )
+        return [{"kind": "mlflow", "id": f"{uri}#{run_id}", "run_id": run_id}]
+
+    def rewind(self, step: int, superseded: Sequence[Mapping[str, Any]] = ()) -> None:
+        last = self.hold.rewind(step, superseded, self.location())
+        if last is not None:
+            client, run_id = self._target()
+            client.set_tag(
+                run_id, "weibull.rewind", f"rewound to step {step}; steps {step + 1}-{last} not re-logged"
+            )
 
     def close(self) -> None:
         # The run belongs to whoever started it; ending it is theirs.

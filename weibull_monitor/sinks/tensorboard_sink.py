@@ -2,14 +2,25 @@
 
 The writer is anything with ``add_scalar`` and ``add_custom_scalars`` (``torch.utils.tensorboard.SummaryWriter``,
 tensorboardX, Lightning's ``TensorBoardLogger.experiment``); it is imported lazily, only when the sink has to make one.
+
+Rewinds use TensorBoard's own mechanism, the one behind ``SummaryWriter(purge_step=...)``: a ``SessionLog.START``
+event at step s + 1 makes TensorBoard's loader drop every point of that directory with a step >= s + 1 that it read
+before the event. In a directory the abandoned timeline's process wrote, the event goes into a small file named
+after that process's last event file plus ``.weibull-purge-<step>``, so it sorts right after the abandoned points and
+before anything a later process writes there; in the sink's own, still open writer (a rewind inside one process) it
+is written inline, before the resumed points. Nothing is deleted: remove the ``*.weibull-purge-*`` file to see the
+abandoned timeline again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.estimator import K_GAUSSIAN
@@ -30,6 +41,11 @@ REF_TRANSMISSION_LOW = keys.REF_TRANSMISSION_LOW
 REF_TRANSMISSION_HIGH = keys.REF_TRANSMISSION_HIGH
 REF_SELECTION_LOW = keys.REF_SELECTION_LOW
 REF_SELECTION_HIGH = keys.REF_SELECTION_HIGH
+
+logger = logging.getLogger("weibull_monitor.sinks")
+
+#: Marks the file that hides an abandoned timeline's points in a TensorBoard directory.
+PURGE_SUFFIX = ".weibull-purge-"
 
 # Writers that already carry the layout. Weak, so a closed writer is forgotten; ids as a fallback for writers
 # that do not accept weak references.
@@ -129,6 +145,7 @@ class TensorBoardSink(Sink):
         self.layout = layout
         self._alert_counts: dict[str, int] = {}
         self._closed = False
+        self._max_step: int | None = None  # the highest step the current writer holds
 
     @property
     def writer(self) -> Any:
@@ -166,11 +183,16 @@ class TensorBoardSink(Sink):
                     continue
                 writer.add_scalar(key, number, int(step))
             writer.flush()
+        self._wrote(step)
+
+    def _wrote(self, step: int) -> None:
+        self._max_step = int(step) if self._max_step is None else max(self._max_step, int(step))
 
     def log_alert(self, alert: Alert) -> None:
         self._alert_counts[alert.level] = self._alert_counts.get(alert.level, 0) + 1
         with self._writing() as writer:
             self._write_alert(writer, alert)
+        self._wrote(alert.step)
 
     def _write_alert(self, writer: Any, alert: Alert) -> None:
         writer.add_scalar(keys.alert_count(alert.level), self._alert_counts[alert.level], int(alert.step))
@@ -187,12 +209,99 @@ class TensorBoardSink(Sink):
                 if math.isfinite(value):
                     writer.add_scalar(key, value, int(snapshot.step))
             writer.flush()
+        self._wrote(snapshot.step)
+
+    # ------------------------------------------------------------------------------------------ rewinds
+
+    def _directory(self) -> str | None:
+        writer = self._writer
+        directory = self.log_dir or getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
+        return os.path.abspath(os.fspath(directory)) if directory else None
+
+    def location(self) -> list[dict[str, Any]]:
+        directory = self._directory()
+        return [{"kind": "tensorboard", "id": directory}] if directory else []
+
+    def rewind(self, step: int, superseded: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Hide the abandoned timeline's points after ``step`` (see the module docstring)."""
+        purge = int(step) + 1
+        own = self._directory()
+        inline = False
+        if self._writer is not None and self._max_step is not None and self._max_step >= purge:
+            inline = write_session_start(self._writer, purge)
+            self._max_step = int(step)
+        for entry in superseded:
+            if entry.get("last_step") is None or int(entry["last_step"]) < purge:
+                continue
+            for place in entry.get("dashboards") or ():
+                if place.get("kind") != "tensorboard" or not place.get("id"):
+                    continue
+                if inline and entry.get("this_process") and place["id"] == own:
+                    continue  # the START in our own writer already covers it
+                purge_directory(place["id"], purge, pid=entry.get("pid"), host=entry.get("host"))
 
     def close(self) -> None:
         if self._owns_writer and self._writer is not None:
             self._writer.close()
         self._writer = None
         self._closed = True
+
+
+def _session_start(step: int) -> Any:
+    from tensorboard.compat.proto import event_pb2
+
+    return event_pb2.Event(
+        step=int(step),
+        wall_time=time.time(),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+    )
+
+
+def write_session_start(writer: Any, step: int) -> bool:
+    """Write a ``SessionLog.START`` at ``step`` through an open summary writer (what ``purge_step`` writes).
+    False when the writer has no event-file access (then nothing is written)."""
+    get = getattr(writer, "_get_file_writer", None)
+    file_writer = get() if callable(get) else getattr(writer, "file_writer", None)
+    if file_writer is None or not callable(getattr(file_writer, "add_event", None)):
+        logger.warning(
+            "TensorBoardSink: this writer cannot take a purge event; the abandoned points stay visible"
+        )
+        return False
+    file_writer.add_event(_session_start(step))
+    file_writer.flush()
+    return True
+
+
+def purge_directory(directory: str, step: int, *, pid: Any = None, host: Any = None) -> str | None:
+    """Hide the points with a step >= ``step`` that the process ``pid`` on ``host`` wrote in ``directory``: a
+    ``SessionLog.START`` in a file that sorts right after that process's last event file. Returns its path (None
+    when that process left no event file there). Idempotent."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    mark = f".{host}.{pid}." if pid is not None and host else None
+    theirs = [n for n in names if "tfevents" in n and PURGE_SUFFIX not in n and (mark is None or mark in n)]
+    if not theirs:
+        return None
+    path = os.path.join(directory, f"{theirs[-1]}{PURGE_SUFFIX}{int(step)}")
+    if os.path.exists(path):
+        return path
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tmp = os.path.join(directory, f".weibull-purge-{os.getpid()}.tmp")  # not an event file name while written
+    with open(tmp, "wb") as handle:
+        records = RecordWriter(handle)
+        records.write(
+            event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+        )
+        records.write(_session_start(step).SerializeToString())
+        records.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    logger.info("TensorBoard: points of %s from step %d on are hidden by %s", directory, step, path)
+    return path
 
 
 def for_trainer(context: SinkContext) -> TensorBoardSink | None:

@@ -4,6 +4,13 @@ W&B is imported lazily: this module loads without it, and the sink fails with a 
 Metrics are logged with the step as a value of ``step_metric`` (``train/global_step`` for the HF Trainer,
 ``trainer/global_step`` for Lightning), never through ``wandb.log(step=...)``: the Trainer's own callback advances
 W&B's internal step on its own schedule, and a smaller explicit step would be dropped by W&B.
+
+Rewinds: W&B history cannot be edited from the client. A run started with ``wandb.init(resume_from=
+"<id>?_step=<n>")`` is truncated by W&B's server (offline: the branch point is recorded in the run file and applied
+when it is synced), and the sink sends the resumed timeline as it comes. Otherwise, when the run already holds
+points of the abandoned timeline after the rewind step (the same run continued in place, ``resume="allow"``, or a
+rollback inside one process), the resumed steps up to the last abandoned one are held back, so no step appears
+twice in a chart (the run store has them all). A rewind is also noted in the run's config (``weibull_rewinds``).
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import datetime
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.estimator import K_GAUSSIAN
 from weibull_monitor.models.naming import display_name
 from weibull_monitor.plain_data import finite_or_nan
-from weibull_monitor.sinks.base import Sink
+from weibull_monitor.sinks.base import Sink, StepHold, same_place
 from weibull_monitor.sinks.heatmap import KHistory, render_k_heatmap
 from weibull_monitor.sinks.registry import SinkContext
 from weibull_monitor.snapshot import keys
@@ -83,6 +91,8 @@ class WandbSink(Sink):
         self._snapshots_seen = 0
         self._alert_counts: dict[str, int] = defaultdict(int)
         self.history = KHistory()
+        self.hold = StepHold("WandbSink")
+        self._rewinds: list[dict[str, Any]] = []
 
     def _run(self) -> Any:
         if self._explicit_run is not None:
@@ -102,15 +112,18 @@ class WandbSink(Sink):
         return run
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not metrics:
+        if not metrics or self.hold.held(step):
             return
         row = {key: finite_or_nan(value) for key, value in metrics.items()}
         row[self.step_metric] = int(step)
         self._ready_run().log(row)
+        self.hold.note(step)
 
     def log_alert(self, alert: Alert) -> None:
         import wandb
 
+        if self.hold.held(alert.step):
+            return
         run = self._ready_run()
         level = getattr(wandb.AlertLevel, WANDB_ALERT_LEVELS.get(alert.level, "WARN"))
         where = ", ".join(alert.matrices[:4]) + (" ..." if len(alert.matrices) > 4 else "")
@@ -128,6 +141,8 @@ class WandbSink(Sink):
         )
 
     def log_snapshot(self, snapshot: Snapshot) -> None:
+        if self.hold.held(snapshot.step):
+            return
         self._snapshots_seen += 1
         self.history.add(snapshot)
         row: dict[str, Any] = {}
@@ -179,6 +194,73 @@ class WandbSink(Sink):
             self.heatmap_every = 0
             return None
         return wandb.Image(pixels, caption=f"k per layer and step up to step {step} (centre: Gaussian k)")
+
+    def location(self) -> list[dict[str, Any]]:
+        try:
+            run = self._run()
+        except Exception:
+            return []
+        project, entity = getattr(run, "project", None), getattr(run, "entity", None)
+        return [
+            {
+                "kind": "wandb",
+                "id": f"{entity or ''}/{project or ''}/{run.id}",
+                "run_id": run.id,
+                "project": project,
+                "offline": bool(getattr(run, "offline", False)),
+                "step_metric": self.step_metric,
+            }
+        ]
+
+    def rewind(self, step: int, superseded: Sequence[Mapping[str, Any]] = ()) -> None:
+        run = self._run()
+        here = self.location()
+        rewound_by_wandb = getattr(getattr(run, "settings", None), "resume_from", None) is not None
+        if not (rewound_by_wandb and self.hold.sent is None):  # W&B truncated the run when it started
+            self.hold.rewind(step, superseded, here)
+        # the heatmap redraws this run's history: the abandoned columns go
+        self.history.steps = [s for s in self.history.steps if s <= step]
+        for cells in self.history.cells.values():
+            for cell in [c for c in cells if c[1] > step]:
+                del cells[cell]
+        elsewhere = sorted(
+            {
+                p.get("run_id")
+                for e in superseded
+                for p in e.get("dashboards") or ()
+                if p.get("kind") == "wandb"
+            }
+            - {h.get("run_id") for h in here}
+        )
+        gone = [e for e in superseded if e.get("last_step") is not None and int(e["last_step"]) > step]
+        if not gone and self.hold.through is None:
+            return  # a resume that replaced nothing: nothing to note
+        self._rewinds.append(
+            {
+                "step": int(step),
+                "superseded_steps": (
+                    [min(int(e["first_step"]) for e in gone), max(int(e["last_step"]) for e in gone)]
+                    if gone
+                    else []
+                ),
+                "superseded_runs": [r for r in elsewhere if r],
+                "held_back_through": self.hold.through,
+                "rewound_by_wandb": rewound_by_wandb,
+            }
+        )
+        run.config.update({"weibull_rewinds": list(self._rewinds)}, allow_val_change=True)
+        if any(same_place(p, h) for e in gone for p in e.get("dashboards") or () for h in here) and not (
+            rewound_by_wandb
+        ):
+            logger.warning(
+                "WandbSink: run %s continues in place after a rewind to step %d; W&B cannot drop the abandoned "
+                'points from the client. Start the resumed run with wandb.init(resume_from="%s?_step=<W&B step of '
+                'step %d>") to truncate it, or let it start a new run',
+                run.id,
+                step,
+                run.id,
+                step,
+            )
 
     def close(self) -> None:
         # The run belongs to whoever started it (the Trainer's callback, the user): finishing it is theirs.

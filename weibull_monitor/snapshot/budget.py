@@ -29,7 +29,7 @@ def _max(a: Any, b: Any) -> Any:
 
 class TimescaleBudget:
     """T/τ = Σ_t η_t·λ_wd per optimizer parameter group: the training budget in units of the AdamW timescale
-    τ = 1/(η·λ_wd) (decoupled decay; science.md §4), plus the peak η seen per group.
+    τ = 1/(η·λ_wd) (decoupled decay; docs/monitor.md), plus the peak η seen per group.
 
     ``record`` is called once per optimizer update with the (η, λ_wd) of every group as used by that update.
     A group that never had λ_wd > 0 has an undefined budget (NaN), never 0 or inf.

@@ -2,8 +2,9 @@
 :class:`~weibull_monitor.snapshot.record.Snapshot` the same way, so they report the same class medians on the
 same weights.
 
-The builder keeps what a run's later snapshots are measured against: λ at each matrix's first ok fit (scale growth)
-and the T/τ budget of each optimizer group.
+The builder keeps what a run's later snapshots are measured against: λ and k at each matrix's first ok fit (scale
+growth, drift from the matrix's own start: initialisations need not be Gaussian) and the T/τ budget of each
+optimizer group.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SnapshotBuilder:
 
     def __init__(self) -> None:
         self.scale_first: dict[str, float] = {}
+        self.k_first: dict[str, tuple[float, float]] = {}  # key -> (k, k_stderr) at the first ok fit
         self.budget = TimescaleBudget()
 
     def build(
@@ -50,12 +52,15 @@ class SnapshotBuilder:
         for key, fit in fits.items():
             if fit.ok and key not in self.scale_first:
                 self.scale_first[key] = float(fit.scale)
+            if fit.ok and key not in self.k_first:
+                self.k_first[key] = (float(fit.k), float(fit.k_stderr))
         fused_parents = {e.param_name for e in entries if e.component is not None}
         matrices = dynamics.matrix_stats(
             fits,
             roles,
             k_anchor=K_GAUSSIAN,
             scale_first=self.scale_first,
+            k_first=self.k_first,
             group_of=group_of,
             current_rates=list(rates),
             budget=self.budget,
@@ -78,8 +83,14 @@ class SnapshotBuilder:
 
     def state_dict(self) -> dict[str, Any]:
         """What later snapshots of the run are measured against, as plain JSON data."""
-        return {"scale_first": dict(self.scale_first), "budget": self.budget.state_dict()}
+        return {
+            "scale_first": dict(self.scale_first),
+            "k_first": {key: list(value) for key, value in self.k_first.items()},
+            "budget": self.budget.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.scale_first = {str(k): float(v) for k, v in state["scale_first"].items()}
+        # states written before k_first existed start it again at the next fit of each matrix
+        self.k_first = {str(k): (float(v[0]), float(v[1])) for k, v in state.get("k_first", {}).items()}
         self.budget.load_state_dict(state["budget"])

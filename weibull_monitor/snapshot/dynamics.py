@@ -60,6 +60,9 @@ class MatrixStats:
     T_over_tau: float  # Σ η_t·λ_wd of that group (NaN without weight decay)
     scale_over_sqrt_lr_wd: float  # λ / √(η/λ_wd) with the current η
     scale_over_sqrt_peak_lr_wd: float  # λ / √(η_peak/λ_wd)
+    k_first: float = NAN  # k at the first snapshot that fitted this matrix (its own starting point)
+    drift_from_first: float = NAN  # k - k_first
+    drift_from_first_z: float = NAN  # that drift over the combined standard error of the two fits
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,15 +85,18 @@ def matrix_stats(
     *,
     k_anchor: float,
     scale_first: Mapping[str, float],
+    k_first: Mapping[str, tuple[float, float]] | None = None,
     group_of: Mapping[str, int | None],
     current_rates: Sequence[tuple[float, float]],
     budget: TimescaleBudget,
     aggregate_excluded: Iterable[str] = (),
 ) -> dict[str, MatrixStats]:
-    """Per-matrix dynamics. ``group_of`` maps a matrix key to its optimizer group index (None: not optimised);
-    ``current_rates`` are the groups' (η, λ_wd) now; ``aggregate_excluded`` are keys (fused parents with split
-    views) that stay out of the class aggregates."""
+    """Per-matrix dynamics. ``scale_first`` and ``k_first`` hold each matrix's λ and (k, k_stderr) at its first ok
+    fit; ``group_of`` maps a matrix key to its optimizer group index (None: not optimised); ``current_rates`` are the
+    groups' (η, λ_wd) now; ``aggregate_excluded`` are keys (fused parents with split views) that stay out of the
+    class aggregates."""
     excluded = set(aggregate_excluded)
+    k_first = k_first or {}
     metric_keys = keys.matrix_metric_keys(roles)
     out: dict[str, MatrixStats] = {}
     for key, fit in fits.items():
@@ -118,8 +124,22 @@ def matrix_stats(
             T_over_tau=budget.budget(group) if group is not None else NAN,
             scale_over_sqrt_lr_wd=scale_over_sqrt_lr_wd(scale, lr, wd),
             scale_over_sqrt_peak_lr_wd=scale_over_sqrt_lr_wd(scale, peak, wd),
+            **_from_first(k, fit.k_stderr if ok else NAN, k_first.get(key)),
         )
     return out
+
+
+def _from_first(k: float, stderr: float, first: tuple[float, float] | None) -> dict[str, float]:
+    """k at the matrix's first fit, the drift since, and that drift in combined standard errors."""
+    if first is None:
+        return {"k_first": NAN, "drift_from_first": NAN, "drift_from_first_z": NAN}
+    k0, se0 = first
+    drift = k - k0 if is_finite_number(k) else NAN
+    return {
+        "k_first": k0,
+        "drift_from_first": drift,
+        "drift_from_first_z": _ratio(drift, math.hypot(stderr, se0)) if is_finite_number(stderr) else NAN,
+    }
 
 
 def median_stderr(stderrs: Iterable[float]) -> float:
@@ -144,7 +164,7 @@ def aggregates(
     k_anchor: float,
     T_over_tau: float | None = None,
 ) -> dict[str, float]:
-    """The dashboard metrics of one snapshot (names of docs/contracts.md); undefined ones are absent.
+    """The dashboard metrics of one snapshot (names: docs/monitor.md); undefined ones are absent.
 
     Per class (medians over the class's matrices, each weight element counted once): ``k_median``, ``k_drift``
     (k_median − K_GAUSSIAN), ``k_drift_z`` (k_drift over the standard error of the median), ``scale_median``,

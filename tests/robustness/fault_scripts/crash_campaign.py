@@ -109,12 +109,12 @@ def life(store_path: str, ckpt_path: str | None, pipe_fd: int | None, vm_kill_af
             os.kill(os.getpid(), signal.SIGKILL)
         return 0
 
-    def traced_write(run_id, snapshot, state=None):
+    def traced_write(run_id, snapshot, state=None, **kwargs):
         say(f"B {snapshot.step}")
         if vm_kill_after is not None:
             store._conn.set_progress_handler(progress, 1)
         try:
-            return write(run_id, snapshot, state)
+            return write(run_id, snapshot, state, **kwargs)
         finally:
             store._conn.set_progress_handler(None, 1)
             say(f"E {snapshot.step}")

@@ -96,6 +96,43 @@ def fig_k_heatmap(data: RunData, path: Path) -> None:
     fig.savefig(path)
 
 
+def _mark_rewinds(ax: Any, data: RunData, x_of: dict[int, float] | None = None) -> None:
+    """A vertical line at every rewind (the step training went back to), labelled with the step; on a T/τ axis
+    (``x_of``: step -> T/τ) at the T/τ of that step."""
+    drawn = False
+    for rewind in data.rewinds:
+        step = int(rewind["step"])
+        x = max(step, 0) if x_of is None else x_of.get(step)
+        if x is None:
+            continue
+        label = "rewind" if not drawn else None
+        drawn = True
+        ax.axvline(x, color="#444444", lw=1.2, ls="-.", alpha=0.8, label=label)
+        text = "restart" if step < 0 else f"rewind to {step}"
+        ax.annotate(text, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                    textcoords="offset points", fontsize=7, color="#444444", va="top", rotation=90)  # fmt: skip
+
+
+def _plot_abandoned(ax: Any, data: RunData, metric: str, colour: str, t_axis: bool = False) -> bool:
+    """The abandoned branches' values of ``metric``, faint and dashed, from the live point they forked from; on a
+    T/τ axis each against its own T/τ (the abandoned timeline's budget, not the live one)."""
+    drawn = False
+    for series in data.abandoned.values():
+        values = series.get(metric, {})
+        x_of = series.get(keys.T_OVER_TAU, {}) if t_axis else None
+        steps = sorted(s for s in values if math.isfinite(values[s]) and (x_of is None or s in x_of))
+        if len(steps) < 2:
+            continue
+        xs = steps if x_of is None else [x_of[s] for s in steps]
+        ax.plot(xs, [values[s] for s in steps], color=colour, alpha=0.3, lw=1, ls="--", marker="x", ms=3)
+        drawn = True
+    return drawn
+
+
+def _legend_abandoned(ax: Any) -> None:
+    ax.plot([], [], color="#777777", alpha=0.5, ls="--", marker="x", ms=3, label="abandoned branch (superseded)")
+
+
 def _mark_alerts(ax: Any, data: RunData) -> None:
     seen: set[str] = set()
     for alert in data.alerts:
@@ -116,13 +153,17 @@ def fig_class_medians(data: RunData, path: Path) -> None:
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
     _bands(ax, data.attention_kind)
-    drawn = False
+    drawn = abandoned = False
     for klass in (*KLASSES, "mixed"):
         steps, ks = data.series(keys.class_metric(klass, "k_median"))
         if steps:
             ax.plot(steps, ks, marker="o", ms=3, color=KLASS_COLOURS[klass], label=f"{klass} median k")
             drawn = True
+        abandoned = _plot_abandoned(ax, data, keys.class_metric(klass, "k_median"), KLASS_COLOURS[klass]) or abandoned
+    if abandoned:
+        _legend_abandoned(ax)
     _mark_alerts(ax, data)
+    _mark_rewinds(ax, data)
     if not drawn:
         _note(ax, "no class medians recorded")
     ax.set_xlabel("step")
@@ -140,6 +181,9 @@ def _plot_class_series(ax: Any, data: RunData, metric: str) -> bool:
         if steps:
             ax.plot(steps, values, marker="o", ms=3, color=KLASS_COLOURS[klass], label=klass)
             drawn = True
+        _plot_abandoned(ax, data, keys.class_metric(klass, metric), KLASS_COLOURS[klass])
+    if drawn:
+        _mark_rewinds(ax, data)
     return drawn
 
 
@@ -217,6 +261,10 @@ def fig_t_over_tau(data: RunData, path: Path) -> None:
             ys = [values[s] for s in steps if s in values]
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, color=KLASS_COLOURS[klass], label=f"{klass} median k")
+            _plot_abandoned(ax, data, keys.class_metric(klass, "k_median"), KLASS_COLOURS[klass], t_axis=True)
+        if data.abandoned:
+            _legend_abandoned(ax)
+        _mark_rewinds(ax, data, x_of)
         ax.set_xlabel("T/τ = Σ η_t·λ_wd (training budget in units of the AdamW timescale)")
         ax.set_ylabel("median k")
         ax.legend(fontsize=7)
@@ -240,6 +288,7 @@ def fig_alerts(data: RunData, path: Path) -> None:
         ax.set_xlabel("step")
         if data.steps:
             ax.set_xlim(min(data.steps) - 1, max(data.steps) + 1)
+        _mark_rewinds(ax, data)
         ax.legend(fontsize=7)
     ax.set_title(f"{data.title}: alerts")
     fig.savefig(path)

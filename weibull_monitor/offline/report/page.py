@@ -123,6 +123,16 @@ def _run_section(data: RunData, figures: list[tuple[str, str]]) -> str:
     ]
     if data.t_over_tau:
         meta.append(("T/τ at the last snapshot", f"{list(data.t_over_tau.values())[-1]:.4g}"))
+    for rewind in data.rewinds:
+        step = int(rewind["step"])
+        gone = f"steps {rewind['superseded_first']}-{rewind['superseded_last']}"
+        meta.append(
+            (
+                "restart" if step < 0 else f"rewind to step {step}",
+                f"{gone} of the abandoned timeline ({rewind['n_superseded']} snapshots) superseded "
+                f"(branch {rewind['branch']}, {rewind.get('reason') or 'resume'}); kept in the store",
+            )
+        )
     parts.append(
         "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in meta)
     )
@@ -157,8 +167,13 @@ def _run_section(data: RunData, figures: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
-def write_report(store_path: str | Path, out_dir: str | Path, run: str | int | None = None) -> Path:
+def write_report(
+    store_path: str | Path, out_dir: str | Path, run: str | int | None = None, *, branches: bool = True
+) -> Path:
     """Draw the figures of every run in ``store_path`` (or only ``run``, a name or id) into ``out_dir``.
+
+    The figures follow each run's live timeline; rewinds are marked on the step axes, and with ``branches`` the
+    abandoned (superseded) branches are drawn faintly beside the live one.
 
     Returns the path of ``index.html``. Raises FileNotFoundError for a missing store, ValueError for an unknown run
     or an empty store (ReportError), ImportError (with the pip line) when matplotlib is missing.
@@ -180,7 +195,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, run: str | int | N
             runs = [r for r in runs if str(r["run_id"]) == str(run) or r["name"] == str(run)]
             if not runs:
                 raise ReportError(f"{store_path}: no run named or numbered {run!r}")
-        datas = [load_run(store, r) for r in runs]
+        datas = [load_run(store, r, branches=branches) for r in runs]
     datas = [d for d in datas if d.steps]
     if not datas:
         raise ReportError(f"{store_path}: no snapshots recorded yet")
