@@ -1,4 +1,5 @@
-"""The ``weibull-monitor`` command: ``scan`` saved checkpoints, ``report`` a run store, run the ``demo``.
+"""The ``weibull-monitor`` command: ``scan`` saved checkpoints, ``report`` a run store, run the ``demo``, check the
+``roles`` of every architecture against its forward pass.
 
 Errors a user can fix (a missing file, a checkpoint that needs pickle, a malformed file, a missing optional package)
 end the command with a one-line message (control characters escaped) and exit status 2, never a traceback; so does
@@ -95,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=int, default=None, help="observe every N steps (default: steps / 30)")
     demo.add_argument("--seed", type=int, default=0)
 
+    roles = commands.add_parser(
+        "roles",
+        help="check the role map against each architecture's own forward pass",
+        description=(
+            "Build model types of the installed transformers tiny and random, map their roles, and check every role "
+            "and fused-parameter split against the model's own forward pass (the layout probe). --sweep does every "
+            "causal-LM type plus the encoder families docs/roles.md lists and prints the coverage table."
+        ),
+    )
+    roles.add_argument("--sweep", action="store_true", help="every model type (about 2 minutes on 2 cores)")
+    roles.add_argument("--types", metavar="A,B", default=None, help="only these model types (comma-separated)")
+    roles.add_argument(
+        "--discover",
+        action="store_true",
+        help="also try every candidate layout on every fused parameter and list the ones the probe verifies",
+    )
+    roles.add_argument("--json", metavar="FILE", default=None, help="also write the per-family results as JSON")
+
     from weibull_monitor.demos import study
 
     study.build_parser(
@@ -177,6 +196,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roles(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from weibull_monitor.models.sweep import run
+
+    if not args.sweep and not args.types:
+        raise ImportError("roles: pass --sweep (every model type) or --types A,B")
+    families = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+
+    def progress(result: run.FamilyResult) -> None:
+        state = "built" if result.built else "not built"
+        print(f"  {result.model_type}: {state}, {result.seconds:.1f}s", file=sys.stderr, flush=True)
+
+    results = run.run_sweep(families, progress=progress, discover=args.discover)
+    print(run.coverage_table(results))
+    if args.discover:
+        print("\n" + run.discovered_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from weibull_monitor.demos.study import run_from_args
 
@@ -253,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"scan": _scan, "report": _report, "demo": _demo, "study": _study}
+    handlers = {"scan": _scan, "report": _report, "demo": _demo, "study": _study, "roles": _roles}
     flood = _Warnings(args.command)
     try:
         with warnings.catch_warnings():

@@ -131,7 +131,7 @@ def test_gpt2_c_attn_conv1d_is_transposed_and_split_by_columns():
 def test_split_refuses_plain_and_ambiguous_parameters():
     with pytest.raises(ValueError, match="not a fused"):
         split_fused("model.layers.0.self_attn.q_proj.weight", torch.zeros(4, 4), None)
-    with pytest.raises(ValueError, match="model_type"):
+    with pytest.raises(ValueError, match="no layout verified for model type None"):
         split_fused("h.0.self_attention.query_key_value.weight", torch.zeros(12, 4), None)
     assert classify("h.0.self_attention.query_key_value.weight").component == "qkv"
 
@@ -449,11 +449,19 @@ META_LAYOUTS = [
         (64, 32),
         {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32},
     ),
-    ("model.layers.0.mlp.gate_up_proj.weight", (96, 32), None),
-    ("transformer.blocks.0.attn.Wqkv.weight", (96, 32), None),
+    ("model.layers.0.mlp.gate_up_proj.weight", (96, 32), {"model_type": "phi3"}),
+    ("transformer.blocks.0.attn.Wqkv.weight", (96, 32), {"model_type": "mpt"}),
     ("layers.0.self_attn.in_proj_weight", (48, 16), None),
-    ("model.layers.0.mlp.experts.gate_up_proj", (3, 32, 32), None),
+    ("model.layers.0.mlp.experts.gate_up_proj", (3, 32, 32), {"model_type": "mixtral"}),
+    ("model.layers.0.mlp.experts.gate_up_proj", (3, 32, 32), {"model_type": "gpt_oss"}),
     ("model.layers.0.mlp.experts.down_proj", (3, 32, 16), None),
+    ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (24, 32), {"model_type": "deepseek_v3", "kv_lora_rank": 16}),
+    (
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        (4 * 24, 16),
+        {"model_type": "deepseek_v3", "qk_nope_head_dim": 8, "v_head_dim": 16},
+    ),
+    ("transformer.h.0.attn.qkv_proj.weight", (96, 32), {"model_type": "codegen"}),
 ]
 
 

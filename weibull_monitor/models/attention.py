@@ -14,7 +14,8 @@ import torch
 from weibull_monitor.distributed.placement import global_shape
 from weibull_monitor.models.config import as_config, config_value, model_type
 from weibull_monitor.models.expectations import selection_expectation
-from weibull_monitor.models.naming import CROSS, match_rules
+from weibull_monitor.models.naming import CROSS, match_rules, recurrent_layers
+from weibull_monitor.models.roles import layer_of
 
 __all__ = ["attention_kind", "selection_expectation_for"]
 
@@ -31,9 +32,11 @@ def attention_kind(model_or_config: Any, names: Iterable[str] | None = None) -> 
         names = [n for n, _ in model.named_parameters()]
     name_list = list(names or [])
     components = {}
+    recurrent = recurrent_layers(config) if config is not None else frozenset()
+    family = model_type(config)
     for name in name_list:
-        component, _ = match_rules(name)
-        if component == "qkv" and not CROSS.search(name):
+        component, _ = match_rules(name, family=family)
+        if component == "qkv" and not CROSS.search(name) and layer_of(name) not in recurrent:
             return "fused"
         components.setdefault(component, name)
     family = model_type(config)

@@ -1,14 +1,17 @@
-"""Fused layouts as a registry: how each family's fused parameter (QKV, gate-up, expert stacks) is cut into its parts,
-exactly as that family's forward pass slices it (docs/roles.md).
+"""Fused layouts as a registry: how each family's fused parameter (QKV, gate-up, MLA, expert stacks) is cut into its
+parts, exactly as that family's forward pass slices it (docs/roles.md).
 
 A layout is a :class:`FusedLayout`: a test on a :class:`LayoutQuery` (the parameter's name, its role, the model type
-and config) and a split function. :func:`split_fused` takes the first registered layout whose test passes; a new
-family is one :func:`register_layout` call. A fused parameter that no layout claims is not split by a guess: it is
-reported whole, with the reason.
+and config), a split function, and the model types its split was verified on by the layout probe
+(:mod:`weibull_monitor.models.probe`; ``families=None`` for layouts told by a name or shape no other family uses).
+:func:`split_fused` takes the first registered layout whose test passes *for a verified family*; a new family is one
+:func:`register_layout` call. A fused parameter that no layout claims is not split by a guess: it is reported whole,
+with the reason. The built-in table is in :mod:`weibull_monitor.models.layout_table`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +19,11 @@ from typing import Any
 import torch
 
 from weibull_monitor.models.components import Role
-from weibull_monitor.models.config import as_config, config_value, head_counts, model_type
+from weibull_monitor.models.config import as_config, model_type
 from weibull_monitor.models.naming import strip
 from weibull_monitor.models.roles import classify
 
-__all__ = ["FusedLayout", "LayoutQuery", "register_layout", "registered_layouts", "split_fused"]
+__all__ = ["FusedLayout", "LayoutQuery", "find_layout", "register_layout", "registered_layouts", "split_fused"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,24 @@ class FusedLayout:
     name: str
     applies: Callable[[LayoutQuery], bool]
     split: Callable[[torch.Tensor, LayoutQuery, bool], dict[str, torch.Tensor]]
+    families: frozenset[str] | None = None  # model types the probe verified; None: told by name or shape alone
 
+    def claims(self, query: LayoutQuery) -> bool:
+        """Whether this layout splits ``query``: its test passes and the family is one it was verified on. A
+        family's verification covers its language model only: a vision or audio tower of a multimodal model runs
+        other code under the same parameter names and keeps its fused parameters whole."""
+        if not self.applies(query):
+            return False
+        if self.families is None:
+            return True
+        return query.model_type in self.families and not TOWER.search(query.name)
+
+
+#: Module paths of the vision and audio towers of multimodal models (text-only sweeps never run them).
+TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|image_encoder|img_processor|image_embed|audio_tower"
+    r"|audio_model|audio_embed|audio_encoder|speech_encoder|embed_tokens_extend)(?:\.|$)"
+)
 
 _REGISTRY: list[FusedLayout] = []
 
@@ -68,7 +88,13 @@ def registered_layouts() -> tuple[FusedLayout, ...]:
 
 
 def split_fused(
-    name: str, weight: torch.Tensor, config: Any = None, *, role: Role | None = None, as_matrix: bool = True
+    name: str,
+    weight: torch.Tensor,
+    config: Any = None,
+    *,
+    role: Role | None = None,
+    as_matrix: bool = True,
+    layout: FusedLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """Split a fused or stacked parameter into its parts, laid out exactly as the architecture's forward pass slices it.
 
@@ -79,8 +105,9 @@ def split_fused(
     strided views shaped [heads, head_dim, in] (the same elements, no copy).
 
     ``role``: the parameter's role as the model's role map gave it (with the user's overrides); classified from
-    the name when None. Raises ValueError when the parameter is not fused, when no registered layout claims it,
-    or when the config lacks what the layout needs.
+    the name when None. Raises ValueError when the parameter is not fused, when no layout verified for the model
+    type claims it, or when the config lacks what the layout needs. ``layout`` forces one layout, verified for
+    the family or not (the probe uses it to try candidates; fits never do).
     """
     config = as_config(config)
     role = role if role is not None else classify(name, weight.shape, config)
@@ -93,15 +120,72 @@ def split_fused(
         out: dict[str, torch.Tensor] = {}
         inner_role = Role(role.layer, role.component, role.klass, parts=tuple(_inner(role)))
         inner_query = LayoutQuery(stripped, last, inner_role, query.model_type, config, tuple(weight.shape[1:]))
+        inner_layout = (layout or _find(inner_query)) if inner_role.parts != (role.component,) else None
+        if inner_role.parts != (role.component,) and inner_layout is None:
+            raise ValueError(_refusal(inner_query))
         for expert in range(weight.shape[0]):
             inner = (
-                _split_2d(weight[expert], inner_query, as_matrix)
-                if role.component == "ffn_gate_up"
+                _split_2d(weight[expert], inner_query, as_matrix, inner_layout)
+                if inner_layout is not None
                 else {role.component: weight[expert]}
             )
             out.update({f"e{expert}.{k}": v for k, v in inner.items()})
         return out
-    return _split_2d(weight, query, as_matrix)
+    layout = layout or _find(query)
+    if layout is None:
+        raise ValueError(_refusal(query))
+    return _split_2d(weight, query, as_matrix, layout)
+
+
+def find_layout(
+    name: str, shape: tuple[int, ...], config: Any = None, *, role: Role | None = None, candidates: bool = False
+) -> FusedLayout | list[FusedLayout] | None:
+    """The layout :func:`split_fused` would use for a parameter (for an expert stack: for each expert), or None;
+    ``candidates=True``: every registered layout whose test passes, verified for the family or not."""
+    config = as_config(config)
+    role = role if role is not None else classify(name, shape, config)
+    if role is None or not role.parts:
+        return [] if candidates else None
+    stripped = strip(name)
+    last = stripped.rsplit(".", 1)[-1].lower()
+    if role.stacked:
+        role, shape = Role(role.layer, role.component, role.klass, parts=tuple(_inner(role))), tuple(shape[1:])
+    query = LayoutQuery(stripped, last, role, model_type(config), config, tuple(shape))
+    if candidates:
+        return [layout for layout in _REGISTRY if layout.applies(query)]
+    return _find(query)
+
+
+def _families(families: frozenset[str | None]) -> str:
+    named = sorted(f for f in families if f)
+    return ", ".join(named) if len(named) <= 4 else f"{', '.join(named[:3])} and {len(named) - 3} more"
+
+
+def _find(query: LayoutQuery) -> FusedLayout | None:
+    return next((layout for layout in _REGISTRY if layout.claims(query)), None)
+
+
+def _refusal(query: LayoutQuery) -> str:
+    candidates = [layout for layout in _REGISTRY if layout.applies(query)]
+    if candidates and TOWER.search(query.name):
+        return (
+            f"{query.name!r}: a vision or audio tower's fused parameter: no layout was verified on it (the families' "
+            "verifications ran their language model); kept whole. Learn it with weibull_monitor.models.learn_layouts "
+            "(model, inputs) from inputs that run the tower, or register one"
+        )
+    if candidates:
+        known = "; ".join(
+            f"{layout.name} on {_families(layout.families)}" for layout in candidates if layout.families
+        )
+        return (
+            f"{query.name!r}: no layout verified for model type {query.model_type!r} ({known or 'no candidate'}); "
+            "kept whole. Learn it from the model's own forward pass with "
+            "weibull_monitor.models.learn_layouts(model), or register one"
+        )
+    return (
+        f"{query.name!r}: no split layout known for this fused parameter (register one with "
+        "weibull_monitor.models.register_layout, or learn it with weibull_monitor.models.learn_layouts)"
+    )
 
 
 def _inner(role: Role) -> list[str]:
@@ -114,190 +198,16 @@ def _inner(role: Role) -> list[str]:
     return seen
 
 
-def _split_2d(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
+def _split_2d(
+    weight: torch.Tensor, query: LayoutQuery, as_matrix: bool, layout: FusedLayout
+) -> dict[str, torch.Tensor]:
     if weight.ndim != 2:
         raise ValueError(f"{query.name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    for layout in _REGISTRY:
-        if layout.applies(query):
-            parts = layout.split(weight, query, as_matrix)
-            if tuple(parts) != tuple(query.role.parts):
-                raise ValueError(
-                    f"{query.name!r}: layout {layout.name!r} gave parts {tuple(parts)}, the role expects "
-                    f"{query.role.parts}"
-                )
-            return parts
-    if query.last == "query_key_value":
+    parts = layout.split(weight, query, as_matrix)
+    if tuple(parts) != tuple(query.role.parts):
         raise ValueError(
-            f"{query.name!r}: query_key_value layouts differ between GPT-NeoX, BLOOM and Falcon; pass a config "
-            f"with model_type (got {query.model_type!r})"
+            f"{query.name!r}: layout {layout.name!r} gave parts {tuple(parts)}, the role expects {query.role.parts}"
         )
-    raise ValueError(
-        f"{query.name!r}: no split layout known for this fused parameter (register one with "
-        "weibull_monitor.models.register_layout)"
-    )
+    return parts
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Splitting helpers
-
-
-def concat_rows(
-    weight: torch.Tensor, sizes: tuple[int, ...], keys: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """Concatenated row blocks [A; B; ...] of the given sizes, as views."""
-    if sum(sizes) != weight.shape[0]:
-        raise ValueError(
-            f"fused weight has {weight.shape[0]} rows; this layout expects {sizes} (sum {sum(sizes)})"
-        )
-    return dict(zip(keys, torch.split(weight, list(sizes), dim=0), strict=True))
-
-
-def per_head_interleaved(
-    weight: torch.Tensor, heads: int, head_dim: int, as_matrix: bool
-) -> dict[str, torch.Tensor]:
-    """Output rows laid out [head, (q|k|v), head_dim]: GPT-NeoX, BLOOM, classic Falcon, GPT-BigCode without MQA."""
-    if weight.shape[0] != heads * 3 * head_dim:
-        raise ValueError(
-            f"fused weight has {weight.shape[0]} rows; expected heads*3*head_dim = {heads * 3 * head_dim}"
-        )
-    blocks = weight.view(heads, 3, head_dim, weight.shape[1])
-    out = {key: blocks[:, i] for i, key in enumerate(("q", "k", "v"))}
-    return {k: v.reshape(heads * head_dim, -1) for k, v in out.items()} if as_matrix else out
-
-
-def _grouped(
-    weight: torch.Tensor, heads: int, kv_heads: int, head_dim: int, as_matrix: bool
-) -> dict[str, torch.Tensor]:
-    # Falcon new_decoder_architecture: rows are [kv group, (q_1..q_n, k, v), head_dim].
-    per_group = heads // kv_heads
-    if weight.shape[0] != kv_heads * (per_group + 2) * head_dim:
-        raise ValueError(
-            f"fused weight has {weight.shape[0]} rows; Falcon grouped layout expects "
-            f"{kv_heads * (per_group + 2) * head_dim}"
-        )
-    blocks = weight.view(kv_heads, per_group + 2, head_dim, weight.shape[1])
-    out = {"q": blocks[:, :per_group], "k": blocks[:, per_group], "v": blocks[:, per_group + 1]}
-    if not as_matrix:
-        return out
-    return {k: v.reshape(-1, weight.shape[1]) for k, v in out.items()}
-
-
-def _qkv_sizes(config: Any, rows: int, cols: int) -> tuple[int, int, int]:
-    """Row counts of concatenated [Q; K; V] blocks: from the config (GQA aware), else equal thirds."""
-    try:
-        heads, kv_heads, head_dim = head_counts(config, cols)
-    except ValueError:
-        if rows % 3:
-            raise ValueError(f"cannot split {rows} fused rows into Q, K, V without a config") from None
-        return rows // 3, rows // 3, rows // 3
-    return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The built-in layouts, in the order they are tried
-
-
-def _gate_up_halves(up_first: bool) -> Callable[[torch.Tensor, LayoutQuery, bool], dict[str, torch.Tensor]]:
-    def split(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-        rows = weight.shape[0]
-        if rows % 2:
-            raise ValueError(f"{query.name!r}: fused gate-up weight has an odd row count {rows}")
-        first, second = torch.split(weight, rows // 2, dim=0)
-        return {"ffn_gate": second, "ffn_up": first} if up_first else {"ffn_gate": first, "ffn_up": second}
-
-    return split
-
-
-def _thirds(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    return concat_rows(weight, (weight.shape[0] // 3,) * 3, ("q", "k", "v"))
-
-
-def _gpt2_conv1d(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    # Conv1D stores [in, out]; the forward splits the output columns into Q, K, V (or K, V for cross-attention).
-    keys = query.role.parts
-    width = weight.shape[1] // len(keys)
-    return {k: weight[:, i * width : (i + 1) * width].T for i, k in enumerate(keys)}
-
-
-def _is_gpt2_conv1d(query: LayoutQuery) -> bool:
-    # GPT-2's Conv1D stores [in, parts * in]; a Linear c_attn (Qwen-1) stores [3 * out, in]: the shape tells them
-    # apart when no config names the model
-    if query.last != "c_attn":
-        return False
-    if query.model_type == "gpt2":
-        return True
-    rows, cols = query.shape
-    return query.model_type is None and cols == len(query.role.parts) * rows
-
-
-def _gpt_bigcode(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    rows, cols = weight.shape
-    heads, _, head_dim = head_counts(query.config, cols)
-    if query.role.parts == ("k", "v"):
-        return concat_rows(weight, (rows // 2, rows // 2), ("k", "v"))
-    if config_value(query.config, "multi_query") is not False:
-        return concat_rows(weight, (heads * head_dim, head_dim, head_dim), ("q", "k", "v"))
-    return per_head_interleaved(weight, heads, head_dim, as_matrix)
-
-
-def _neox_bloom(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    heads, _, head_dim = head_counts(query.config, weight.shape[1])
-    return per_head_interleaved(weight, heads, head_dim, as_matrix)
-
-
-def _falcon(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    heads, kv_heads, head_dim = head_counts(query.config, weight.shape[1], multi_query=False)
-    if config_value(query.config, "new_decoder_architecture"):
-        return _grouped(weight, heads, kv_heads, head_dim, as_matrix)
-    if config_value(query.config, "multi_query"):
-        return concat_rows(weight, (heads * head_dim, head_dim, head_dim), ("q", "k", "v"))
-    return per_head_interleaved(weight, heads, head_dim, as_matrix)
-
-
-def _concat_gqa(weight: torch.Tensor, query: LayoutQuery, as_matrix: bool) -> dict[str, torch.Tensor]:
-    # Phi-3: qkv[..., :q], then kv_heads*head_dim each; OLMo-1: qkv.split(fused_dims) with the same sizes.
-    rows, cols = weight.shape
-    return concat_rows(weight, _qkv_sizes(query.config, rows, cols), ("q", "k", "v"))
-
-
-def _is_qkv(query: LayoutQuery, *lasts: str) -> bool:
-    return query.role.component == "qkv" and query.last in lasts
-
-
-_BUILT_IN = (
-    # OLMo-1 ff_proj: `x, x_gate = x.chunk(2, dim=-1)`, then act(x_gate) * x -> up comes first
-    FusedLayout(
-        "olmo1.ff_proj",
-        lambda q: q.role.component == "ffn_gate_up" and q.last == "ff_proj",
-        _gate_up_halves(up_first=True),
-    ),
-    # Phi-3, MoE experts: `gate, up = ....chunk(2, dim=-1)`
-    FusedLayout(
-        "gate_up.chunk", lambda q: q.role.component == "ffn_gate_up", _gate_up_halves(up_first=False)
-    ),
-    # MultiheadAttention (_in_projection_packed), MPT (chunk(3)), Baichuan: equal concatenated thirds
-    FusedLayout("qkv.thirds", lambda q: _is_qkv(q, "in_proj_weight", "wqkv", "w_pack"), _thirds),
-    FusedLayout("gpt2.c_attn", _is_gpt2_conv1d, _gpt2_conv1d),
-    FusedLayout(
-        "gpt_bigcode.c_attn", lambda q: _is_qkv(q, "c_attn") and q.model_type == "gpt_bigcode", _gpt_bigcode
-    ),
-    FusedLayout("qwen1.c_attn", lambda q: _is_qkv(q, "c_attn") and q.model_type == "qwen", _thirds),
-    FusedLayout(
-        "gpt_neox.query_key_value",
-        lambda q: (
-            _is_qkv(q, "query_key_value") and q.model_type in ("gpt_neox", "gpt_neox_japanese", "bloom")
-        ),
-        _neox_bloom,
-    ),
-    FusedLayout(
-        "falcon.query_key_value",
-        lambda q: (
-            _is_qkv(q, "query_key_value")
-            and q.model_type in ("falcon", "refinedweb", "refinedwebmodel", "rw")
-        ),
-        _falcon,
-    ),
-    FusedLayout("qkv.concatenated", lambda q: _is_qkv(q, "qkv_proj", "att_proj", "qkv"), _concat_gqa),
-)
-for _layout in _BUILT_IN:
-    register_layout(_layout, first=False)

@@ -14,28 +14,31 @@ import torch
 
 from weibull_monitor.distributed.placement import global_shape
 from weibull_monitor.models.components import KLASS_OF_COMPONENT, Role
-from weibull_monitor.models.config import is_encoder_decoder
+from weibull_monitor.models.config import is_encoder_decoder, model_type
 from weibull_monitor.models.naming import (
     CROSS,
     EXPERT_INDEX,
     EXPERT_STACK,
     LAYER_INDEX,
+    NEVER_MATRIX,
     NON_MATRIX,
+    ONE_MATRIX_3D,
     STACK_SEGMENT,
     T5_STACK,
     compile_overrides,
-    match_rules,
+    match_rule,
+    recurrent_layers,
     strip,
 )
 
-__all__ = ["UnknownWeightsWarning", "classify", "fused_components", "fused_inner_components", "model_roles"]
+__all__ = ["UnknownWeightsWarning", "classify", "fused_components", "fused_inner_components", "layer_of", "model_roles"]
 
 
 class UnknownWeightsWarning(UserWarning):
     """Raised once per :func:`model_roles` call, listing the 2-D weights no rule recognised (classed ``other``)."""
 
 
-def _layer_of(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
     without_expert = EXPERT_INDEX.sub(".", name)
     found = LAYER_INDEX.search(without_expert)
     return int(found.group(1)) if found else None
@@ -60,6 +63,19 @@ def _parts_for(component: str, name: str, shape: tuple[int, ...] | None, stacked
     return fused_inner_components(component, name)
 
 
+#: In a layer whose token mixer is no softmax attention, what each attention component is.
+_IN_RECURRENT_LAYER = {
+    "q": "rec_q",
+    "k": "rec_k",
+    "v": "rec_v",
+    "o": "rec_out",
+    "qkv": "rec_in",
+    "attn_gate": "rec_gate",
+    "q_gate": "rec_in",
+    "kv": "rec_in",
+}
+
+
 def fused_inner_components(component: str, name: str) -> tuple[str, ...]:
     """The components a fused 2-D matrix splits into (empty for a plain one)."""
     if component == "qkv":
@@ -68,6 +84,12 @@ def fused_inner_components(component: str, name: str) -> tuple[str, ...]:
         return ("q", "k", "v")
     if component == "ffn_gate_up":
         return ("ffn_gate", "ffn_up")
+    if component == "kv_a":
+        return ("kv_latent", "k_rope")
+    if component in ("kv_b", "kv"):
+        return ("k", "v")
+    if component == "q_gate":
+        return ("q_b", "attn_gate") if strip(name).endswith("q_gate_proj") else ("q", "attn_gate")
     return ()
 
 
@@ -81,32 +103,53 @@ def classify(
     ``overrides`` (regex -> component, searched in the full name) win over the built-in rules.
     Unrecognised 2-D weights come back as ``Role(component="other", klass="other")``.
     """
-    return _classify(name, shape, config, compile_overrides(overrides), is_encoder_decoder(config))[0]
+    context = _Context(config, compile_overrides(overrides), is_encoder_decoder(config))
+    return _classify(name, shape, context)[0]
 
 
-def _classify(
-    name: str, shape: Iterable[int] | None, config: Any, compiled: list, encoder_decoder: bool | None
-) -> tuple[Role | None, bool]:
+class _Context:
+    """What classification reads besides the name, computed once per model: overrides, the family, hybrid layers."""
+
+    def __init__(self, config: Any, compiled: list, encoder_decoder: bool | None) -> None:
+        self.config = config
+        self.compiled = compiled
+        self.encoder_decoder = encoder_decoder
+        self.family = model_type(config)
+        self.recurrent = recurrent_layers(config) if config is not None else frozenset()
+
+
+def _classify(name: str, shape: Iterable[int] | None, context: _Context) -> tuple[Role | None, bool]:
     dims = tuple(int(d) for d in shape) if shape is not None else None
-    stacked = bool(EXPERT_STACK.search(strip(name)))
+    stripped = strip(name)
+    overridden = any(p.search(name) for p, _ in context.compiled)
+    if not overridden and NEVER_MATRIX.search(stripped):
+        return None, True  # biases stored as rows, SSM decay tables: never a matrix of weights
+    stacked = bool(EXPERT_STACK.search(stripped))
     if dims is not None:
         if stacked and len(dims) != 3:
             stacked = False
-        if not stacked and len(dims) != 2:
+        one_matrix = len(dims) == 3 and not stacked and bool(ONE_MATRIX_3D.search(stripped))
+        if not stacked and len(dims) != 2 and not one_matrix:
             return None, True
-    elif not any(p.search(name) for p, _ in compiled) and NON_MATRIX.search(name):
+    elif not overridden and NON_MATRIX.search(name):
         return None, True  # no shape given: judge by name (norms, biases, class tokens)
-    component, recognised = match_rules(name, compiled)
+    component, qualifier, recognised = match_rule(name, context.compiled, context.family)
+    # embeddings, heads and recognised head-side matrices (classifiers, projectors) belong to no layer
+    layerless = component in ("embed", "lm_head") or (component == "other" and qualifier is not None)
+    layer = None if layerless else layer_of(name)
+    if layer is not None and layer in context.recurrent and not overridden:
+        component = _IN_RECURRENT_LAYER.get(component, component)
     expert_found = EXPERT_INDEX.search(name)
     expert = int(expert_found.group(1)) if expert_found else None
     role = Role(
-        layer=_layer_of(name) if component not in ("embed", "lm_head") else None,
+        layer=layer,
         component=component,
         klass=KLASS_OF_COMPONENT[component],
         expert=expert,
-        stack=_stack_of(name, encoder_decoder),
+        stack=_stack_of(name, context.encoder_decoder),
         parts=_parts_for(component, name, dims, stacked),
         stacked=stacked,
+        qualifier=qualifier,
     )
     return role, recognised
 
@@ -123,17 +166,17 @@ def model_roles(model: torch.nn.Module, overrides: Any = None) -> dict[str, Role
     the first name ``named_parameters`` gives them. Unrecognised 2-D weights are classed ``other`` and listed in
     one :class:`UnknownWeightsWarning`. ``overrides`` (regex -> component) win over the built-in rules.
     """
-    compiled = compile_overrides(overrides)
     config = getattr(model, "config", None)
     names = [name for name, _ in model.named_parameters()]
     encoder_decoder = is_encoder_decoder(config)
     if encoder_decoder is None:
         segments = {m.group(1) for n in names for m in [STACK_SEGMENT.search(n)] if m}
         encoder_decoder = segments == {"encoder", "decoder"}
+    context = _Context(config, compile_overrides(overrides), encoder_decoder)
     roles: dict[str, Role] = {}
     unknown: list[str] = []
     for name, param in model.named_parameters():  # deduplicates tied parameters
-        role, recognised = _classify(name, global_shape(param), config, compiled, encoder_decoder)
+        role, recognised = _classify(name, global_shape(param), context)
         if role is None:
             continue
         roles[name] = role

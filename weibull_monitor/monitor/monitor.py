@@ -40,7 +40,7 @@ import torch
 
 from weibull_monitor._version import __version__
 from weibull_monitor.alerts import Alert, AlertEngine, Rule, default_rules
-from weibull_monitor.distributed import agree, fit_matrices
+from weibull_monitor.distributed import agree
 from weibull_monitor.estimator.protocol import check_method
 from weibull_monitor.models import attention_kind, model_roles
 from weibull_monitor.models.expectations import selection_expectation
@@ -52,7 +52,7 @@ from weibull_monitor.monitor.steps import checked_step
 from weibull_monitor.sinks.base import Sink
 from weibull_monitor.sinks.frozen import frozen_alert
 from weibull_monitor.sinks.guard import GuardedSink
-from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, collect_entries
+from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, adapters, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
 from weibull_monitor.store import RunStore, StoreError, StoreWriter
 
@@ -88,6 +88,8 @@ class WeibullMonitor(ResumeMixin):
         overrides: role-map overrides (regex -> component).
         writer: False computes (and joins collectives) but writes nothing: no store, sinks, logs or callback.
         sink_timeout: seconds a sink call may run before it is reported as hanging.
+        adapter_factors_every: fit PEFT's LoRA factors (reported apart, ``weibull/lora/...``) at every n-th
+            snapshot (0: never); adapted matrices themselves are fitted on their effective weight every snapshot.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class WeibullMonitor(ResumeMixin):
         overrides: Any = None,
         writer: bool = True,
         sink_timeout: float = 10.0,
+        adapter_factors_every: int = 5,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -137,6 +140,7 @@ class WeibullMonitor(ResumeMixin):
         self.stop_on_critical = bool(stop_on_critical)
         self.stop_requested = False
         self.sink_timeout = float(sink_timeout)
+        self.adapter_factors_every = int(adapter_factors_every)
         self.engine = AlertEngine(default_rules() if rules is None else list(rules))
         self.builder = SnapshotBuilder()
         self.last_snapshot: Snapshot | None = None
@@ -145,6 +149,7 @@ class WeibullMonitor(ResumeMixin):
         self._last_seen_step: int | None = None
         self._last_snapshot_step: int | None = None
         self._roles: dict[str, Any] | None = None
+        self._adapters: adapters.Adapters | None = None  # LoRA/DoRA layers and frozen fits (found on first use)
         self._attention_kind: str | None = None
         self._expectation: str | None = None
         self._sinks: list[GuardedSink] = []
@@ -231,7 +236,8 @@ class WeibullMonitor(ResumeMixin):
     def roles(self) -> dict[str, Any]:
         """Roles of the watched parameters (after include/exclude), computed on first use."""
         if self._roles is None:
-            roles = model_roles(self.model, overrides=self.overrides)
+            self._adapters = adapters.Adapters(self.model, self.adapter_factors_every)
+            roles = self._adapters.without_factors(model_roles(self.model, overrides=self.overrides))
             self._roles = {
                 name: role
                 for name, role in roles.items()
@@ -253,8 +259,10 @@ class WeibullMonitor(ResumeMixin):
         skipped: dict[str, str] = {}
         config = getattr(self.model, "config", None)
         entries = collect_entries(self.model, roles, config, skipped=skipped)
-        # a collective under torch.distributed: every rank calls it at every due snapshot
-        fits = fit_matrices([e.key for e in entries], [e.matrix for e in entries], self.method)
+        # a collective under torch.distributed: every rank calls it at every due snapshot; adapted matrices are
+        # fitted on their effective weight, frozen ones once (snapshot/adapters.py)
+        fitted = self._adapters.fit(entries, self.method)
+        fits = fitted.fits
         for key, fit in fits.items():
             if not fit.ok and key not in skipped and fit.reason:
                 skipped[key] = fit.reason
@@ -263,13 +271,14 @@ class WeibullMonitor(ResumeMixin):
             entries,
             fits,
             skipped=skipped,
-            group_of_param=group_of_params(
-                self.optimizer, dict(self.model.named_parameters(remove_duplicate=False))
+            group_of_param=self._adapters.groups(
+                group_of_params(self.optimizer, dict(self.model.named_parameters(remove_duplicate=False)))
             ),
             rates=group_rates(self.optimizer) if self.optimizer is not None else (),
             attention_kind=self._attention_kind,
             expectation=self._expectation,
         )
+        adapters.report(snapshot, fitted)
         snapshot.alerts = self.engine(snapshot)
         critical = any(alert.level == "critical" for alert in snapshot.alerts)
         # every rank calls agree() at every snapshot (not only when critical), or the collective would hang

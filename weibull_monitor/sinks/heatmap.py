@@ -1,7 +1,8 @@
 """The layer x step heatmap of k: one renderer for the W&B sink and the report, one colour scale.
 
 The colour scale is centred on the Gaussian anchor (white), blue below it (heavier-tailed |w|, e.g. Selection),
-red above it. Matplotlib's object API only (no pyplot state), so drawing is safe outside the main thread.
+red above it; its range comes from the panels of the paper's classes only (``other`` and ``recurrent`` panels, a
+LoRA factor or an embedding, are drawn clipped to it). Matplotlib's object API only (no pyplot state), so drawing is safe outside the main thread.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["HEATMAP_GROUPS", "Cells", "KHistory", "draw_k_heatmap", "k_cells", "render_k_heatmap"]
+from weibull_monitor.models.components import KLASS_OF_COMPONENT
+
+__all__ = ["HEATMAP_GROUPS", "Cells", "KHistory", "colour_spread", "draw_k_heatmap", "k_cells", "render_k_heatmap"]
 
 #: panel -> {(layer, step): median k over the matrices of that layer in that panel}
 Cells = dict[str, dict[tuple[int, int], float]]
@@ -87,8 +90,7 @@ def draw_k_heatmap(
         ax.text(0.5, 0.5, "no layered matrices", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
-    values = [k for p in panels for k in cells[p].values()]
-    spread = max(MIN_SPREAD, max(abs(k - anchor) for k in values))
+    spread = colour_spread(cells, anchor)
     norm = TwoSlopeNorm(vcenter=anchor, vmin=anchor - spread, vmax=anchor + spread)
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -114,6 +116,20 @@ def draw_k_heatmap(
         ax.set_visible(False)
     if image is not None:
         figure.colorbar(image, ax=axes, label=f"k (white: Gaussian anchor {anchor:.4f})", shrink=0.9)
+
+
+#: Panels (components) whose k may lie far from the paper's classes: they never set the colour range (their cells
+#: beyond it show the end colours), so one LoRA factor or embedding does not wash out every other panel.
+OUTSIDE_THE_RANGE_CLASSES = ("other", "recurrent")
+
+
+def colour_spread(cells: Cells, anchor: float) -> float:
+    """Half-width of the colour range around the anchor: the largest |k - anchor| over the panels of the paper's
+    classes (all panels when there are none), never below :data:`MIN_SPREAD`."""
+    panels = [p for p in cells if cells[p]]
+    ranged = [p for p in panels if KLASS_OF_COMPONENT.get(p) not in OUTSIDE_THE_RANGE_CLASSES] or panels
+    values = [k for p in ranged for k in cells[p].values() if math.isfinite(k)]
+    return max([MIN_SPREAD, *(abs(k - anchor) for k in values)])
 
 
 def render_k_heatmap(history: KHistory, anchor: float) -> Any:

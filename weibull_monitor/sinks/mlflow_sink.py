@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from weibull_monitor.models.naming import display_name
 from weibull_monitor.plain_data import finite_or_none
 from weibull_monitor.sinks.base import Sink, StepHold
 from weibull_monitor.sinks.registry import SinkContext
@@ -106,7 +107,8 @@ class MLflowSink(Sink):
             role = snapshot.roles.get(key)
             rows.append(
                 {
-                    "name": key,
+                    "name": display_name(key),
+                    "param_name": key,
                     "layer": None if role is None else role.layer,
                     "component": None if role is None else role.component,
                     "klass": None if role is None else role.klass,

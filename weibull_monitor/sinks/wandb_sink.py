@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from weibull_monitor.estimator import K_GAUSSIAN
+from weibull_monitor.models.naming import display_name
 from weibull_monitor.plain_data import finite_or_nan
 from weibull_monitor.sinks.base import Sink, StepHold, same_place
 from weibull_monitor.sinks.heatmap import KHistory, render_k_heatmap
@@ -39,7 +40,8 @@ WANDB_ALERT_LEVELS = {"info": "INFO", "warning": "WARN", "critical": "ERROR"}
 #: Columns of the per-snapshot table of fits (one row per matrix or split view).
 FIT_TABLE_COLUMNS = (
     "step",
-    "name",
+    "name",  # without the prefixes wrappers add (torch.compile, PEFT, DDP, FSDP); param_name is the real one
+    "param_name",
     "layer",
     "component",
     "klass",
@@ -164,6 +166,7 @@ class WandbSink(Sink):
             rows.append(
                 [
                     int(snapshot.step),
+                    display_name(key),
                     key,
                     -1 if role is None or role.layer is None else int(role.layer),
                     None if role is None else role.component,

@@ -3,7 +3,8 @@
 Pipeline inside: ``record`` (MatrixEntry, Snapshot) -> ``entries`` (collect the matrices, split fused ones) ->
 fits (:func:`weibull_monitor.distributed.fit_matrices`, one process or all ranks) -> ``dynamics`` (per-matrix
 drift, growth, λ/√(η/λ_wd); per-class aggregates, with ``classes`` saying who counts and ``budget`` keeping T/τ) ->
-``builder`` (the one place a Snapshot is made, for the monitor and the scan alike). ``keys`` names every metric.
+``builder`` (the one place a Snapshot is made, for the monitor and the scan alike). ``keys`` names every metric;
+``adapters`` fits PEFT-adapted matrices on their effective weight and frozen ones once.
 """
 
 from weibull_monitor.snapshot.builder import SnapshotBuilder

@@ -47,5 +47,8 @@ class Snapshot:
     expectation: str | None = None  # Selection expectation for the attention kind: deep | mild | transitional
     matrices: dict[str, MatrixStats] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)  # keys fitted once and reused: frozen and not adapted
+    adapted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> adapters in its effective weight
+    adapter_fits: dict[str, WeibullFit] = field(default_factory=dict)  # LoRA factor -> fit (in no class)
     wall_time: float = field(default_factory=time.time)  # seconds since the epoch
     duration_s: float = 0.0  # time the snapshot took on this rank
