@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("WEIBULL_TEST_THREADS", "1")))  # conftest.py: 1 unless asked
 
 
 def fit_row(fit) -> list:

@@ -52,7 +52,7 @@ def build(store_path: str, ckpt_path: str | None):
         def evaluate(self, snapshot):
             return [Breach(key="all", matrices=(), values={"step": float(snapshot.step)}, message="streak")]
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("WEIBULL_TEST_THREADS", "1")))  # conftest.py: 1 unless asked
     model = tiny_llama(0, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     store = RunStore(store_path, timeout=5.0)
