@@ -26,6 +26,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     return out, printed.getvalue()
 
 
+@pytest.mark.trains
 @pytest.mark.slow
 def test_demo_writes_store_report_and_dashboards(demo_run):
     from weibull_monitor.store import RunStore

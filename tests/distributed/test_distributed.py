@@ -190,7 +190,15 @@ def test_many_small_matrices_fit_right_without_a_full_width_table_per_rank(shard
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["ds_neox", "ds_gpt2", "ds_neox_after_step", "ds_gpt2_after_step"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ds_neox",
+        "ds_gpt2",
+        pytest.param("ds_neox_after_step", marks=pytest.mark.trains),  # one optimizer step
+        pytest.param("ds_gpt2_after_step", marks=pytest.mark.trains),
+    ],
+)
 def test_deepspeed_zero3_partitions_give_the_single_process_fits(shard_results, name):
     # Real DeepSpeed ZeRO-3 (CPU accelerator, gloo): fits read from the ds_tensor partitions, before and after a
     # training step, equal the fits of the full weights. DeepSpeed is optional (not in the package's extras).
@@ -312,6 +320,7 @@ def store_steps(path: Path) -> tuple[list[dict], list[int], int]:
     return runs, steps, fits_at_last
 
 
+@pytest.mark.trains
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf", "lit"])
@@ -330,6 +339,7 @@ def test_callbacks_under_ddp_write_one_store_from_rank_zero(framework_results, n
     assert fits_at_last == len(last[0]["fits"]) > 0
 
 
+@pytest.mark.trains
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_stop", "lit_stop"])

@@ -72,6 +72,7 @@ def _events(log_dir: str):
     return accumulator
 
 
+@pytest.mark.trains
 def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
     from tensorboard.plugins.custom_scalar import layout_pb2
@@ -143,6 +144,7 @@ def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, mon
     assert [a["level"] for a in wandb_alerts if "selection_collapse" in a["title"]] == ["WARN", "ERROR"]
 
 
+@pytest.mark.trains
 def test_hf_stop_on_critical_stops_early_and_reaches_mlflow(tmp_path, monkeypatch):
     report_to = []
     try:
@@ -187,6 +189,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize(
     "restore_callback_states", [False, True], ids=["read-state", "transformers-restores"]
 )
@@ -237,6 +240,7 @@ class _Steps(TrainerCallback):
         self.seen.append(state.global_step)
 
 
+@pytest.mark.trains
 def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb-from-env"))
     steps = _Steps()
@@ -250,6 +254,7 @@ def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_pat
     assert [e.step for e in events.Scalars("weibull/transmission/k_median")] == DUE
 
 
+@pytest.mark.trains
 def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, monkeypatch):
     import runpy
 
@@ -258,7 +263,9 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
     out = tmp_path / "example"
     monkeypatch.setenv("WANDB_MODE", "offline")
     example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "hf_trainer.py"))
-    last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
+    last = example["main"](
+        ["--steps", "10", "--every", "5", "--out", str(out), "--threads", str(torch.get_num_threads())]
+    )
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
     (run_dir,) = glob.glob(str(out / "runs" / "*"))
     assert [e.step for e in _events(run_dir).Scalars("weibull/selection/k_median")] == [0, 5, 10]

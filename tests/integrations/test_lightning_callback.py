@@ -74,6 +74,7 @@ def _events(log_dir: str):
     return accumulator
 
 
+@pytest.mark.trains
 def test_lightning_loggers_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
     from wandb_files import read_run_alerts, read_run_history, wait_for_run_file
@@ -122,6 +123,7 @@ def test_lightning_loggers_alert_and_store_agree_full_run_without_stop(tmp_path,
     assert [a["level"] for a in alerts if "selection_collapse" in a["title"]] == ["WARN", "ERROR"]
 
 
+@pytest.mark.trains
 def test_lightning_stop_on_critical_stops_early_csv_logger(tmp_path):
     csv_logger = CSVLogger(str(tmp_path), name="csv")
     callback = WeibullCallback(every=EVERY, rules=[collapse_rule()], stop_on_critical=True)
@@ -147,6 +149,7 @@ class _StopAt(Callback):
             trainer.should_stop = True
 
 
+@pytest.mark.trains
 def test_lightning_resume_from_ckpt_continues_the_series(tmp_path):
     checkpoints = ModelCheckpoint(
         dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=10, save_top_k=-1
@@ -189,6 +192,7 @@ def test_lightning_resume_from_ckpt_continues_the_series(tmp_path):
     assert not (Path(resumed.log_dir) / "weibull.sqlite").exists()
 
 
+@pytest.mark.trains
 def test_lightning_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_path):
     callback = WeibullCallback(every=EVERY, store=tmp_path / "ga.sqlite")
     trainer = make_trainer(tmp_path, [callback], accumulation=4, max_steps=10)
@@ -198,6 +202,7 @@ def test_lightning_gradient_accumulation_snapshots_on_optimizer_steps_once_each(
         assert [row["step"] for row in store.snapshots()] == [0, 5, 10]
 
 
+@pytest.mark.trains
 def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path):
     import runpy
 
@@ -205,7 +210,9 @@ def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path)
 
     out = tmp_path / "example"
     example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "lightning_fit.py"))
-    last = example["main"](["--steps", "10", "--every", "5", "--out", str(out)])
+    last = example["main"](
+        ["--steps", "10", "--every", "5", "--out", str(out), "--threads", str(torch.get_num_threads())]
+    )
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
     assert [e.step for e in _events(str(out / "tb" / "version_0")).Scalars("weibull/selection/k_median")] == [
         0,

@@ -65,6 +65,7 @@ def train(model, optimizer, scheduler, monitor, steps, batches, lr_log=None, sta
         monitor.observe(step)
 
 
+@pytest.mark.trains
 @pytest.mark.slow
 def test_two_settings_200_steps_store_matches_schedule_and_recomputation(tmp_path):
     path = tmp_path / "w.sqlite"
@@ -139,6 +140,7 @@ def step_once(model, optimizer, batches):
     optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.trains
 def test_observe_due_steps_once_and_per_micro_batch(tmp_path):
     model, optimizer, monitor = make(tmp_path, every=3)
     batches = byte_batches(2, 16)
@@ -158,6 +160,7 @@ def test_observe_due_steps_once_and_per_micro_batch(tmp_path):
         assert store.steps() == [0, 3, 6]
 
 
+@pytest.mark.trains
 def test_no_weight_decay_reports_missing_never_inf(tmp_path):
     model = tiny_llama(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -220,6 +223,7 @@ def test_include_exclude(tmp_path):
         WeibullMonitor("not a model", store=None)
 
 
+@pytest.mark.trains
 def test_logging_sink_line_and_guarded_sinks(tmp_path, caplog):
     stream = io.StringIO()
 
@@ -285,6 +289,7 @@ def test_hanging_sink_does_not_block_training(tmp_path, caplog):
     assert monitor.sinks[0].healthy
 
 
+@pytest.mark.trains
 def test_locked_store_does_not_stop_training_and_catches_up(tmp_path, caplog):
     path = tmp_path / "w.sqlite"
     model, optimizer, monitor = make(tmp_path, every=1, store=RunStore(path, timeout=0.05), run_name="r")
@@ -306,6 +311,7 @@ def test_locked_store_does_not_stop_training_and_catches_up(tmp_path, caplog):
         assert store.steps() == [0, 1, 2, 3]
 
 
+@pytest.mark.trains
 def test_resume_from_state_dict_and_from_store(tmp_path):
     path = tmp_path / "w.sqlite"
     model, optimizer, monitor = make(tmp_path, every=2, run_name="resumable")

@@ -153,6 +153,7 @@ def trainer_series(tmp_path_factory):
     return out
 
 
+@pytest.mark.trains
 @pytest.mark.slow
 def test_trainer_series_one_step_per_checkpoint_in_order(trainer_series, capsys):
     names = sorted(p.name for p in trainer_series.iterdir() if p.name.startswith("checkpoint-"))
@@ -175,6 +176,7 @@ def test_trainer_series_one_step_per_checkpoint_in_order(trainer_series, capsys)
     assert len(set(q0)) == 4
 
 
+@pytest.mark.trains
 def test_series_step_from_trainer_state_over_the_name(trainer_series, tmp_path, capsys):
     import shutil
 
@@ -189,6 +191,7 @@ def test_series_step_from_trainer_state_over_the_name(trainer_series, tmp_path, 
     assert sorted({r["step"] for r in rows}) == [1, 3]
 
 
+@pytest.mark.trains
 def test_series_tables_show_medians_over_steps(trainer_series, capsys):
     assert main(["scan", str(trainer_series), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -198,6 +201,7 @@ def test_series_tables_show_medians_over_steps(trainer_series, capsys):
     assert [line.split()[0] for line in block[3:7]] == ["3", "6", "9", "10"]
 
 
+@pytest.mark.trains
 def test_csv_has_the_same_rows(trainer_series, capsys):
     import csv
     import io
@@ -252,6 +256,7 @@ def test_legacy_raw_pickle_is_refused_too(tmp_path):
 # Other formats.
 
 
+@pytest.mark.trains
 def test_lightning_checkpoint(tmp_path, capsys):
     import lightning.pytorch as pl
 
@@ -487,6 +492,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal():
     assert "1/2" in loud.getvalue() and "q_proj" in loud.getvalue()
 
 
+@pytest.mark.trains
 def test_scan_store_holds_one_snapshot_per_step(trainer_series, tmp_path, capsys):
     from weibull_monitor.store import RunStore
 
@@ -551,6 +557,7 @@ def test_release_only_touches_file_maps(tmp_path):
         assert torch.equal(tensor, copy)
 
 
+@pytest.mark.trains
 def test_progress_bar_counts_every_matrix_of_a_series(trainer_series, capsys):
     from weibull_monitor.offline.scan import scan_path
 

@@ -99,6 +99,7 @@ def training_report(training_store, tmp_path_factory) -> tuple[Path, str]:
     return out, printed.getvalue()
 
 
+@pytest.mark.trains
 def test_training_report_writes_every_figure_and_the_page(training_store, training_report):
     from weibull_monitor.store import RunStore
 
@@ -138,6 +139,7 @@ def test_single_scan_report_draws_the_layer_profile(scan_store, tmp_path):
     assert "a single snapshot" in page.read_text()
 
 
+@pytest.mark.trains
 def test_report_of_several_runs_and_a_chosen_run(training_store, scan_store, tmp_path):
     from weibull_monitor.offline.report import write_report
     from weibull_monitor.store import RunStore
@@ -173,6 +175,7 @@ def test_report_of_several_runs_and_a_chosen_run(training_store, scan_store, tmp
     )
 
 
+@pytest.mark.trains
 def test_report_errors_are_one_line(tmp_path, training_store, capsys):
     assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
     assert "no such run store" in capsys.readouterr().err
@@ -218,6 +221,7 @@ def _load_in_chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
     return proc.stdout, console
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_page_loads_in_headless_chromium_without_console_errors(training_report, tmp_path):
     shutil.copytree(training_report[0], tmp_path / "r")
@@ -233,6 +237,7 @@ def test_page_loads_in_headless_chromium_without_console_errors(training_report,
     assert any("figure failed to load" in line and "scale.png" in line for line in console), console
 
 
+@pytest.mark.trains
 def test_report_of_a_scanned_series_says_what_a_checkpoint_cannot_tell(tmp_path):
     """A series scanned from disk has no optimizer: the λ-vs-√(η/λ_wd) and T/τ panels say so, the rest is drawn."""
     from weibull_monitor.demos.toy import byte_batches, tiny_llama

@@ -54,6 +54,7 @@ def table(path: Path, sql: str) -> list[tuple]:
         conn.close()
 
 
+@pytest.mark.trains
 @pytest.mark.slow
 def test_sigkill_during_snapshot_writes_then_resume(tmp_path):
     done = subprocess.run(

@@ -97,6 +97,7 @@ def _wandb_file(root: Path) -> Path:
     return next(root.rglob("run-*.wandb"))
 
 
+@pytest.mark.trains
 @pytest.mark.slow  # ~9 s: W&B starts its service process
 def test_wandb_run_raising_in_log_and_alert(tmp_path, monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
@@ -179,6 +180,7 @@ def _tb_scalar_steps(log_dir: Path, tag: str) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.trains
 def test_tensorboard_directory_unwritable_then_writable(tmp_path, caplog):
     pytest.importorskip("tensorboard")
     from weibull_monitor.sinks.tensorboard_sink import TensorBoardSink
@@ -222,6 +224,7 @@ print("released", flush=True)
 """
 
 
+@pytest.mark.trains
 def test_store_locked_by_another_process(tmp_path, caplog):
     path = tmp_path / "w.sqlite"
     keep = KeepSink()
@@ -345,6 +348,7 @@ def _full_disk_run(caplog):
     return train, keep, steps, alert_steps, tb_steps
 
 
+@pytest.mark.trains
 def test_full_disk_store_and_other_sinks(tmp_path, caplog):
     pytest.importorskip("tensorboard")
     train, keep, steps, alert_steps, _ = _full_disk_run(caplog)
@@ -359,6 +363,7 @@ def test_full_disk_store_and_other_sinks(tmp_path, caplog):
         assert len(tb_failed) == 1 and "No space left on device" in tb_failed[0], tb_failed
 
 
+@pytest.mark.trains
 def test_full_disk_tensorboard_recovers_when_space_is_back(tmp_path, caplog):
     pytest.importorskip("tensorboard")
     _, _, _, _, tb_steps = _full_disk_run(caplog)
@@ -370,6 +375,7 @@ def test_full_disk_tensorboard_recovers_when_space_is_back(tmp_path, caplog):
 # A sink that hangs: bounded by the guard's timeout, also when it never returns
 
 
+@pytest.mark.trains
 def test_hanging_sink_is_bounded_and_training_goes_on(tmp_path, caplog):
     release = threading.Event()
     entered = threading.Event()
@@ -405,6 +411,7 @@ def test_hanging_sink_is_bounded_and_training_goes_on(tmp_path, caplog):
         assert len(messages(caplog, "returned again")) == 1
 
 
+@pytest.mark.trains
 def test_sink_that_never_returns_does_not_block_close(tmp_path, caplog):
     forever = threading.Event()
 
