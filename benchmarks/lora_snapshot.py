@@ -1,4 +1,4 @@
-"""Snapshot cost of a PEFT fine-tune against the same model without adapters (issue 15's target: <= 2x).
+"""Snapshot cost of a PEFT fine-tune against the same model without adapters (target: <= 2x).
 
 One LLaMA-shaped model (``--params``, default 60M in the blocks; hidden 768) is monitored three ways, each by its
 own ``WeibullMonitor`` (no store, no sinks, the default alert rules), timings interleaved round by round:
