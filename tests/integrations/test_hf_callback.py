@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from readback import tensorboard_events
 from sabotage import collapse_rule, sabotage_queries
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -64,14 +65,6 @@ def store_rows(path: Path) -> tuple[list[dict], list[dict], list[dict]]:
         return store.snapshots(), store.aggregates(), store.alerts()
 
 
-def _events(log_dir: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
 @pytest.mark.trains
 def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
@@ -111,7 +104,7 @@ def test_hf_dashboards_alert_and_store_agree_full_run_without_stop(tmp_path, mon
     # TensorBoard: the same directory as the Trainer's own events, scalars at the due steps, one layout.
     run_dirs = glob.glob(str(tmp_path / "out" / "runs" / "*"))
     assert len(run_dirs) == 1
-    events = _events(run_dirs[0])
+    events = tensorboard_events(run_dirs[0])
     assert "train/loss" in events.Tags()["scalars"]  # the Trainer's TensorBoard callback wrote here too
     for metric in ("weibull/transmission/k_median", "weibull/selection/k_median"):
         points = events.Scalars(metric)
@@ -250,7 +243,9 @@ def test_hf_gradient_accumulation_snapshots_on_optimizer_steps_once_each(tmp_pat
     snapshots, _, _ = store_rows(tmp_path / "ga.sqlite")
     assert [row["step"] for row in snapshots] == DUE
     assert not os.path.exists(tmp_path / "out" / "weibull.sqlite")  # the store went where it was told
-    events = _events(str(tmp_path / "tb-from-env"))  # transformers 5's TensorBoard directory setting
+    events = tensorboard_events(
+        str(tmp_path / "tb-from-env")
+    )  # transformers 5's TensorBoard directory setting
     assert [e.step for e in events.Scalars("weibull/transmission/k_median")] == DUE
 
 
@@ -268,7 +263,7 @@ def test_example_hf_trainer_runs_with_offline_wandb_and_tensorboard(tmp_path, mo
     )
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
     (run_dir,) = glob.glob(str(out / "runs" / "*"))
-    assert [e.step for e in _events(run_dir).Scalars("weibull/selection/k_median")] == [0, 5, 10]
+    assert [e.step for e in tensorboard_events(run_dir).Scalars("weibull/selection/k_median")] == [0, 5, 10]
     (wandb_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     history = read_run_history(wait_for_run_file(wandb_file))
     assert [r["train/global_step"] for r in history if "weibull/selection/k_median" in r] == [0, 5, 10]

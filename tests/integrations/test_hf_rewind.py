@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from readback import stored_series, tensorboard_events
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from weibull_monitor.alerts import Breach, Rule
@@ -92,25 +93,6 @@ def trainer(output: Path, callbacks: list, max_steps: int, data_seed: int) -> Tr
     return Trainer(model=gpt2(), args=args, train_dataset=data, callbacks=callbacks)
 
 
-def _events(directory: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(directory, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def stored(store: RunStore, run: int, branch=None) -> dict[int, tuple[dict, dict]]:
-    aggregates: dict[int, dict] = {}
-    for row in store.aggregates(run, branch=branch):
-        if row["value"] is not None:
-            aggregates.setdefault(row["step"], {})[row["metric"]] = row["value"]
-    ks: dict[int, dict] = {}
-    for row in store.fits(run_id=run, branch=branch):
-        ks.setdefault(row["step"], {})[row["name"]] = row["k"]
-    return {s: (aggregates[s], ks[s]) for s in store.steps(run, branch=branch)}
-
-
 def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path, monkeypatch):
     import wandb
     from wandb_files import read_run_config, read_run_history, wait_for_run_file
@@ -119,7 +101,10 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
     output = tmp_path / "out"
     a, b = Recorder(), Recorder()
     runs = []
-    plan = ((a, 30, [], 0, None), (b, 40, [LowerLR(3e-4)], 1, output / "checkpoint-20"))  # other lr, other data
+    plan = (
+        (a, 30, [], 0, None),
+        (b, 40, [LowerLR(3e-4)], 1, output / "checkpoint-20"),
+    )  # other lr, other data
     for recorder, steps, extra, data_seed, resume in plan:
         callback = WeibullCallback(every=EVERY, rules=[Every3rd()], sinks=[recorder])
         run = wandb.init(project="weibull-rewind", dir=str(tmp_path))  # what the Trainer's W&B callback uses
@@ -135,10 +120,10 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
 
     with RunStore(output / "weibull.sqlite") as store:
         (run,) = store.runs()
-        live = stored(store, run["run_id"])
+        live = stored_series(store, run["run_id"])
         expected = {**{s: r for s, r in a.rows.items() if s <= 20}, **b.rows}
         assert live == expected  # 0 mixed, 0 dropped: each step from the timeline that owns it
-        assert stored(store, run["run_id"], branch=0) == a.rows  # the abandoned run, whole
+        assert stored_series(store, run["run_id"], branch=0) == a.rows  # the abandoned run, whole
         (rewind,) = store.rewinds(run["run_id"])
         assert (rewind["step"], rewind["superseded_first"], rewind["superseded_last"]) == (20, 25, 30)
         alerts = [(x["step"], x["rule"]) for x in store.alerts(run["run_id"])]
@@ -153,7 +138,7 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
     # TensorBoard: one directory per Trainer (the Trainer's choice); the abandoned points after 20 are hidden
     old_dir, new_dir = sorted(glob.glob(str(output / "runs" / "*")), key=os.path.getmtime)
     assert any(".weibull-purge-21" in name for name in os.listdir(old_dir))
-    old, new = _events(old_dir), _events(new_dir)
+    old, new = tensorboard_events(old_dir), tensorboard_events(new_dir)
     metric = "weibull/transmission/k_median"
     assert [p.step for p in old.Scalars(metric)] == [0, 5, 10, 15, 20]
     assert [p.step for p in new.Scalars(metric)] == [25, 30, 35, 40]
@@ -167,7 +152,9 @@ def test_hf_rewind_to_an_earlier_checkpoint_with_another_learning_rate(tmp_path,
     steps = [[r["train/global_step"] for r in h if metric in r] for h in histories]
     assert steps == [[0, 5, 10, 15, 20, 25, 30], [25, 30, 35, 40]]
     (note,) = read_run_config(directories[1])["weibull_rewinds"]
-    assert note["step"] == 20 and note["superseded_steps"] == [25, 30] and note["superseded_runs"] == [runs[0]]
+    assert (
+        note["step"] == 20 and note["superseded_steps"] == [25, 30] and note["superseded_runs"] == [runs[0]]
+    )
     assert "weibull_rewinds" not in read_run_config(directories[0])
 
 

@@ -16,6 +16,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from readback import tensorboard_events
 from sabotage import collapse_rule, sabotage_queries
 
 from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
@@ -66,14 +67,6 @@ def make_trainer(
     )
 
 
-def _events(log_dir: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
 @pytest.mark.trains
 def test_lightning_loggers_alert_and_store_agree_full_run_without_stop(tmp_path, monkeypatch):
     import wandb
@@ -97,7 +90,7 @@ def test_lightning_loggers_alert_and_store_agree_full_run_without_stop(tmp_path,
         critical = [(a["step"], a["rule"]) for a in store.alerts() if a["level"] == "critical"]
     assert critical == [(5, "selection_collapse")]
 
-    events = _events(tb_logger.log_dir)
+    events = tensorboard_events(tb_logger.log_dir)
     for metric in ("weibull/transmission/k_median", "weibull/selection/k_median"):
         points = events.Scalars(metric)
         assert [p.step for p in points] == DUE
@@ -214,7 +207,10 @@ def test_example_lightning_fit_runs_with_offline_wandb_and_tensorboard(tmp_path)
         ["--steps", "10", "--every", "5", "--out", str(out), "--threads", str(torch.get_num_threads())]
     )
     assert 1.0 < last["weibull/transmission/k_median"] < 1.4
-    assert [e.step for e in _events(str(out / "tb" / "version_0")).Scalars("weibull/selection/k_median")] == [
+    assert [
+        e.step
+        for e in tensorboard_events(str(out / "tb" / "version_0")).Scalars("weibull/selection/k_median")
+    ] == [
         0,
         5,
         10,

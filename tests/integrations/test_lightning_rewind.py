@@ -18,6 +18,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from readback import stored_series, tensorboard_events
 
 from weibull_monitor.alerts import Breach, Rule
 from weibull_monitor.demos.toy import ByteWindowDataset, tiny_llama
@@ -69,25 +70,6 @@ class LowerLR(Callback):
             group["lr"] = NEW_LR
 
 
-def stored(store: RunStore, run: int, branch=None) -> dict[int, tuple[dict, dict]]:
-    aggregates: dict[int, dict] = {}
-    for row in store.aggregates(run, branch=branch):
-        if row["value"] is not None:
-            aggregates.setdefault(row["step"], {})[row["metric"]] = row["value"]
-    ks: dict[int, dict] = {}
-    for row in store.fits(run_id=run, branch=branch):
-        ks.setdefault(row["step"], {})[row["name"]] = row["k"]
-    return {s: (aggregates[s], ks[s]) for s in store.steps(run, branch=branch)}
-
-
-def _events(directory: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(directory, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return accumulator
-
-
 def fit(tmp_path: Path, recorder: Recorder, max_steps: int, data_seed: int, extra: list, ckpt_path=None):
     import wandb
 
@@ -125,15 +107,17 @@ def test_lightning_rewind_to_an_earlier_checkpoint(tmp_path, monkeypatch):
     a, b = Recorder(), Recorder()
     first, first_loggers = fit(tmp_path, a, 30, 0, [])
     store_file = Path(first.log_dir) / "weibull.sqlite"
-    second, second_loggers = fit(tmp_path, b, 40, 1, [LowerLR()], ckpt_path=str(tmp_path / "ckpt" / "step=20.ckpt"))
+    second, second_loggers = fit(
+        tmp_path, b, 40, 1, [LowerLR()], ckpt_path=str(tmp_path / "ckpt" / "step=20.ckpt")
+    )
     assert second.global_step == 40 and Path(second.log_dir) != store_file.parent
     assert sorted(a.rows) == list(range(0, 31, 5)) and sorted(b.rows) == [25, 30, 35, 40]
 
     with RunStore(store_file) as store:  # the series stays in the first fit's store
         (run,) = store.runs()
-        live = stored(store, run["run_id"])
+        live = stored_series(store, run["run_id"])
         assert live == {**{s: r for s, r in a.rows.items() if s <= 20}, **b.rows}
-        assert stored(store, run["run_id"], branch=0) == a.rows
+        assert stored_series(store, run["run_id"], branch=0) == a.rows
         (rewind,) = store.rewinds(run["run_id"])
         assert (rewind["step"], rewind["superseded_first"], rewind["superseded_last"]) == (20, 25, 30)
         assert [x["step"] for x in store.alerts(run["run_id"])] == [10, 20, 30, 40]
@@ -143,7 +127,7 @@ def test_lightning_rewind_to_an_earlier_checkpoint(tmp_path, monkeypatch):
     assert b.rows[25][0]["weibull/T_over_tau"] == pytest.approx(t20 + 5 * NEW_LR * WD, rel=1e-9)
 
     # TensorBoard: version_0 keeps steps 0-20 (the rest hidden), version_1 has the resumed steps
-    old, new = (_events(lg.log_dir) for lg in (first_loggers[0], second_loggers[0]))
+    old, new = (tensorboard_events(lg.log_dir) for lg in (first_loggers[0], second_loggers[0]))
     assert [p.step for p in old.Scalars(METRIC)] == [0, 5, 10, 15, 20]
     assert [p.step for p in new.Scalars(METRIC)] == [25, 30, 35, 40]
     for point in [*old.Scalars(METRIC), *new.Scalars(METRIC)]:
@@ -172,12 +156,19 @@ def test_lightning_resume_from_a_checkpoint_without_monitor_state(tmp_path, capl
 
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=10)
     data = torch.utils.data.DataLoader(ByteWindowDataset(n_samples=80, seq_len=32), batch_size=4)
-    settings = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
-    pl.Trainer(default_root_dir=str(tmp_path), max_steps=10, logger=False, callbacks=[checkpoints], **settings).fit(
-        TinyCausalLM(), data
-    )
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    pl.Trainer(
+        default_root_dir=str(tmp_path), max_steps=10, logger=False, callbacks=[checkpoints], **settings
+    ).fit(TinyCausalLM(), data)
     callback = WeibullCallback(every=EVERY, store=tmp_path / "w.sqlite")
-    trainer = pl.Trainer(default_root_dir=str(tmp_path), max_steps=20, logger=False, callbacks=[callback], **settings)
+    trainer = pl.Trainer(
+        default_root_dir=str(tmp_path), max_steps=20, logger=False, callbacks=[callback], **settings
+    )
     with caplog.at_level(logging.WARNING):
         trainer.fit(TinyCausalLM(), data, ckpt_path=str(tmp_path / "ckpt" / "step=10.ckpt"))
     messages = " ".join(r.getMessage() for r in caplog.records)

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from readback import stored_series
 
 from weibull_monitor.alerts import AlertEngine, Breach, NonFiniteWeights, Rule
 from weibull_monitor.demos.toy import tiny_llama
@@ -95,17 +96,6 @@ def reference_state(steps: int = 20) -> dict:
     return state
 
 
-def stored_series(store: RunStore, run: int, branch=None) -> dict[int, tuple[dict, dict]]:
-    aggregates: dict[int, dict] = {}
-    for row in store.aggregates(run, branch=branch):
-        if row["value"] is not None:
-            aggregates.setdefault(row["step"], {})[row["metric"]] = row["value"]
-    ks: dict[int, dict] = {}
-    for row in store.fits(run_id=run, branch=branch):
-        ks.setdefault(row["step"], {})[row["name"]] = row["k"]
-    return {step: (aggregates[step], ks[step]) for step in store.steps(run, branch=branch)}
-
-
 def same_state(a: dict, b: dict) -> None:
     """Alert counters, λ_first and T/τ sums identical (the run name and step bookkeeping aside)."""
     assert a["alerts"] == b["alerts"]
@@ -155,7 +145,9 @@ def test_resume_from_checkpoint_state_in_a_new_process(tmp_path, caplog):
         monitor.load_state_dict(ckpt["monitor"])
     assert monitor.run_name == first.run_name
     same_state(monitor.state_dict(), reference_state(20))  # the state at the rewind step, exactly
-    assert any("rewound at step 20" in r.getMessage() and "steps 25-30" in r.getMessage() for r in caplog.records)
+    assert any(
+        "rewound at step 20" in r.getMessage() and "steps 25-30" in r.getMessage() for r in caplog.records
+    )
     train(model, optimizer, monitor, range(21, 41), lr=NEW_LR)
     monitor.close()
     check_timelines(path, first.run_name, a, b)
@@ -190,7 +182,9 @@ def test_rollback_in_one_process_without_state_is_detected(tmp_path, caplog):
         reference = reference_state(20)
         assert state["alerts"] == reference["alerts"] and state["scale_first"] == reference["scale_first"]
         # T/τ: the state of step 20 (kept with its snapshot) plus the one update since, at the new rate
-        assert state["budget"]["sums"][0] == pytest.approx(reference["budget"]["sums"][0] + NEW_LR * WD, rel=1e-12)
+        assert state["budget"]["sums"][0] == pytest.approx(
+            reference["budget"]["sums"][0] + NEW_LR * WD, rel=1e-12
+        )
         train(model, optimizer, monitor, range(22, 41), lr=NEW_LR)
     monitor.close()
     assert sink.rewinds == [20]
@@ -204,7 +198,9 @@ def test_rollback_in_one_process_without_state_is_detected(tmp_path, caplog):
     expected = {**a.by_step(through=20), **b.by_step(after=20)}
     assert [p.step for p in points] == sorted(expected)
     for point in points:
-        assert point.value == pytest.approx(expected[point.step][0]["weibull/transmission/k_median"], rel=1e-6)
+        assert point.value == pytest.approx(
+            expected[point.step][0]["weibull/transmission/k_median"], rel=1e-6
+        )
 
 
 def test_store_based_rollback_in_a_new_process_restores_the_stored_state(tmp_path):
@@ -223,7 +219,9 @@ def test_store_based_rollback_in_a_new_process_restores_the_stored_state(tmp_pat
     reference = reference_state(20)
     state = monitor.state_dict()
     assert state["alerts"] == reference["alerts"] and state["scale_first"] == reference["scale_first"]
-    assert state["budget"]["sums"][0] == pytest.approx(reference["budget"]["sums"][0] + NEW_LR * WD, rel=1e-12)
+    assert state["budget"]["sums"][0] == pytest.approx(
+        reference["budget"]["sums"][0] + NEW_LR * WD, rel=1e-12
+    )
     train(model, optimizer, monitor, range(22, 41), lr=NEW_LR)
     monitor.close()
     check_timelines(path, "named", a, b)
@@ -285,7 +283,9 @@ def test_reusing_a_run_name_for_a_fresh_run_restarts_it_with_a_warning(tmp_path,
     optimizer, monitor = make(model, path, sinks=[sink], run_name="reused")
     with caplog.at_level(logging.WARNING, logger="weibull_monitor"):
         monitor.observe(0)
-    assert any("restarted at step -1" in r.getMessage() and "steps 0-30" in r.getMessage() for r in caplog.records)
+    assert any(
+        "restarted at step -1" in r.getMessage() and "steps 0-30" in r.getMessage() for r in caplog.records
+    )
     train(model, optimizer, monitor, range(1, 16))
     monitor.close()
     with RunStore(path) as store:
@@ -366,7 +366,9 @@ def test_two_processes_writing_one_run_name_keep_everything(tmp_path):
         taken = {pid: steps for pid in branches}
         taken[first.pid] = first_steps
         for pid, branch in branches.items():  # each process: every one of its snapshots, in its own branch
-            own = [r for r in store.snapshots(run, branch=branch["branch"]) if r["branch"] == branch["branch"]]
+            own = [
+                r for r in store.snapshots(run, branch=branch["branch"]) if r["branch"] == branch["branch"]
+            ]
             assert [r["step"] for r in own] == list(range(taken[pid] + 1))
         assert first_steps > steps  # the first one outlived the second and kept writing: superseded rows
 
@@ -386,7 +388,9 @@ def test_a_checkpoint_older_than_the_first_snapshot(tmp_path, caplog):
     with RunStore(path) as store:
         run = store.run_id("late")
         assert store.steps(run) == [5, 10] and store.steps(run, branch=0) == list(range(5, 31, 5))
-        assert store.snapshots(run)[0]["T_over_tau"] == pytest.approx(2 * LR * WD, rel=1e-12)  # counted from 3
+        assert store.snapshots(run)[0]["T_over_tau"] == pytest.approx(
+            2 * LR * WD, rel=1e-12
+        )  # counted from 3
 
 
 def test_store_false_means_no_store(tmp_path, caplog, monkeypatch):
