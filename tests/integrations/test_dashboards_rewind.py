@@ -17,6 +17,9 @@ from weibull_monitor.demos.toy import tiny_llama
 from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.store import RunStore
 
+# These tests train (optimizer steps): .ci/run runs them again under another ATEN_CPU_CAPABILITY.
+pytestmark = pytest.mark.trains
+
 METRIC = "weibull/transmission/k_median"
 
 

@@ -26,6 +26,9 @@ from weibull_monitor.integrations.hf import WeibullCallback
 from weibull_monitor.sinks import Sink
 from weibull_monitor.store import RunStore
 
+# These tests train (optimizer steps): .ci/run runs them again under another ATEN_CPU_CAPABILITY.
+pytestmark = pytest.mark.trains
+
 EVERY, WD = 5, 0.1
 
 

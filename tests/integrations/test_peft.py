@@ -19,6 +19,9 @@ from weibull_monitor.models import model_roles  # noqa: E402
 from weibull_monitor.snapshot import keys  # noqa: E402
 from weibull_monitor.snapshot.adapters import Adapters, effective_weight, find_adapters  # noqa: E402
 
+# These tests train (optimizer steps): .ci/run runs them again under another ATEN_CPU_CAPABILITY.
+pytestmark = pytest.mark.trains
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STATED_TOLERANCE = 5e-4  # docs/estimator.md: the engine's |dk| budget against the full sort
 

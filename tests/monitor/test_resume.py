@@ -24,6 +24,9 @@ from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.sinks import Sink
 from weibull_monitor.store import RunStore
 
+# These tests train (optimizer steps): .ci/run runs them again under another ATEN_CPU_CAPABILITY.
+pytestmark = pytest.mark.trains
+
 LR, NEW_LR, WD, EVERY = 1e-3, 3e-4, 0.1, 5
 
 

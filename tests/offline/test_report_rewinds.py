@@ -15,6 +15,9 @@ from weibull_monitor.monitor import WeibullMonitor
 from weibull_monitor.offline.report import figures, load_run, write_report
 from weibull_monitor.store import RunStore
 
+# These tests train (optimizer steps): .ci/run runs them again under another ATEN_CPU_CAPABILITY.
+pytestmark = pytest.mark.trains
+
 
 @pytest.fixture(scope="module")
 def rewound_store(tmp_path_factory):
