@@ -20,7 +20,7 @@ import os
 import statistics
 
 import torch
-from floor import ReadFloor, timed_ms  # sibling script (benchmarks/ is on sys.path when run)
+from floor import ReadFloor, machine_line, timed_ms  # sibling script (benchmarks/ is on sys.path when run)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -126,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = args.params or (1e9 if args.layerwise else 100e6)
     hidden = args.hidden or (2048 if args.layerwise else 768)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (medians)")
+    print(f"{machine_line()}; {args.repeats} repeats (medians)")
     header()
     for name in args.dtypes.split(","):
         dtype = DTYPES[name.strip()]
@@ -139,6 +139,7 @@ def main() -> None:
         "floor: the fastest of the l2 / sum / copy read passes over the same matrices (median of each); "
         "snap/fl: snapshot median / floor (target <= 1.5)"
     )
+    print(f"after: {machine_line()}")
 
 
 if __name__ == "__main__":
