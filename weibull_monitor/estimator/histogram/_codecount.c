@@ -277,9 +277,70 @@ static PyObject *count_many(PyObject *self, PyObject *args) {
     return spans;
 }
 
+/* First index i in [0, width) with cum[i] >= key (width if none) for every key of a row, as torch.searchsorted
+ * (side "left") answers it. The fit's keys mostly come in increasing runs (its rank positions, then the quantiles'
+ * neighbours), so each search gallops forward from the previous answer; a smaller key searches below it. */
+static void search_row(const int64_t *cum, Py_ssize_t width, const int64_t *keys, Py_ssize_t n, int64_t *out) {
+    Py_ssize_t prev = 0;
+    int64_t prev_key = INT64_MIN;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const int64_t key = keys[j];
+        Py_ssize_t lo = 0, hi = prev;
+        if (key >= prev_key) { /* every index below prev holds less than prev_key <= key */
+            Py_ssize_t probe = prev, step = 1;
+            lo = prev;
+            while (probe < width && cum[probe] < key) {
+                lo = probe + 1;
+                probe = lo + step;
+                step *= 2;
+            }
+            hi = probe < width ? probe : width;
+        }
+        while (lo < hi) { /* the answer lies in [lo, hi] */
+            const Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (cum[mid] < key) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        out[j] = lo;
+        prev = lo;
+        prev_key = key;
+    }
+}
+
+PyDoc_STRVAR(search_rows_doc,
+             "search_rows(cum, rows, width, keys, n, out)\n\n"
+             "torch.searchsorted(cum, keys) for contiguous int64 [rows, width] cum (each row non-decreasing) and\n"
+             "[rows, n] keys, into the int64 [rows, n] out (addresses). Runs without the GIL.");
+
+static PyObject *search_rows(PyObject *self, PyObject *args) {
+    unsigned long long cum_addr, keys_addr, out_addr;
+    Py_ssize_t rows, width, n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnKnK", &cum_addr, &rows, &width, &keys_addr, &n, &out_addr)) {
+        return NULL;
+    }
+    if (rows < 0 || width < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "search_rows: negative size");
+        return NULL;
+    }
+    const int64_t *cum = (const int64_t *)(uintptr_t)cum_addr;
+    const int64_t *keys = (const int64_t *)(uintptr_t)keys_addr;
+    int64_t *out = (int64_t *)(uintptr_t)out_addr;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        search_row(cum + r * width, width, keys + r * n, n, out + r * n);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"count_codes", count_codes, METH_VARARGS, count_codes_doc},
     {"count_many", count_many, METH_VARARGS, count_many_doc},
+    {"search_rows", search_rows, METH_VARARGS, search_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

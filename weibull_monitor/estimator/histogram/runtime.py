@@ -169,7 +169,7 @@ def load_kernel() -> Any:
     or WEIBULL_MONITOR_COUNTING=torch asks for torch ops)."""
     if _codecount is None or os.environ.get("WEIBULL_MONITOR_COUNTING", "").strip().lower() == "torch":
         return None
-    return _codecount if hasattr(_codecount, "count_many") else None
+    return _codecount if hasattr(_codecount, "search_rows") else None
 
 
 _KERNEL = load_kernel()
@@ -188,7 +188,7 @@ def counting_backend(name: str) -> Iterator[None]:
     global _KERNEL
     if name not in ("torch", "c-extension"):
         raise ValueError(f"counting backend must be 'torch' or 'c-extension', got {name!r}")
-    if name == "c-extension" and (_codecount is None or not hasattr(_codecount, "count_many")):
+    if name == "c-extension" and (_codecount is None or not hasattr(_codecount, "search_rows")):
         raise ImportError("the C counting kernel was not built (no C compiler at install)")
     saved = _KERNEL
     _KERNEL = None if name == "torch" else _codecount
@@ -196,6 +196,19 @@ def counting_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _KERNEL = saved
+
+
+def search_sorted_rows(cum: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(cum, keys)`` (the same integers): by the kernel for int64 rows on CPU, which gallops from
+    one key to the next (the fit's keys come in increasing runs; measured, [100, 3847] rows and [100, 1034] keys:
+    ~0.5 ms against ~3 ms), else by torch."""
+    kernel = _KERNEL
+    if kernel is None or cum.device.type != "cpu" or cum.dtype != torch.int64 or keys.dtype != torch.int64:
+        return torch.searchsorted(cum, keys)
+    cum, keys = cum.contiguous(), keys.contiguous()
+    out = torch.empty_like(keys)
+    kernel.search_rows(cum.data_ptr(), cum.shape[0], cum.shape[1], keys.data_ptr(), keys.shape[1], out.data_ptr())
+    return out
 
 
 def bincount_codes(chunk: torch.Tensor) -> torch.Tensor:
