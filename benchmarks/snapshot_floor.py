@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 from floor import ReadFloor, machine_line, timed_ms  # sibling script (benchmarks/ is on sys.path when run)
@@ -56,11 +57,13 @@ def measure(model: torch.nn.Module, repeats: int) -> dict[str, object]:
 
     floor.time_once(), fit_many(named), snapshot()  # warm-up: thread pool, tables, role map
     floor.times = {name: [] for name in floor.times}
-    times: dict[str, list[float]] = {"fit_many": [], "snapshot": []}
+    times: dict[str, list[float]] = {"fit_many": [], "snapshot": [], "snapshot_cpu": []}
     for _ in range(repeats):
         floor.time_once()
         times["fit_many"].append(timed_ms(lambda: fit_many(named)))
+        cpu = time.process_time()
         times["snapshot"].append(timed_ms(snapshot))
+        times["snapshot_cpu"].append((time.process_time() - cpu) * 1e3)  # every thread of the process
     monitor.close()
     return {"floor": floor, "matrices": len(named), "elements": sum(t.numel() for _, t in named), **times}
 
@@ -71,16 +74,17 @@ def report(label: str, t: dict[str, object]) -> None:
     base = floor.floor_ms()
     snap = statistics.median(t["snapshot"])  # type: ignore[arg-type]
     fit = statistics.median(t["fit_many"])  # type: ignore[arg-type]
+    cpu = statistics.median(t["snapshot_cpu"])  # type: ignore[arg-type]
     print(
         f"{label:>10} {t['matrices']:>8} {t['elements'] / 1e6:8.1f}M {medians['l2']:7.1f} {medians['sum']:7.1f} "
-        f"{medians['copy']:7.1f} {base:7.1f} {fit:8.1f} {snap:8.1f} {fit / base:6.2f} {snap / base:6.2f}"
+        f"{medians['copy']:7.1f} {base:7.1f} {fit:8.1f} {snap:8.1f} {cpu:8.1f} {fit / base:6.2f} {snap / base:6.2f}"
     )
 
 
 def header() -> None:
     print(
         f"{'model':>10} {'matrices':>8} {'elements':>9} {'l2 ms':>7} {'sum ms':>7} {'copy ms':>7} {'floor':>7} "
-        f"{'fit ms':>8} {'snap ms':>8} {'fit/fl':>6} {'snap/fl':>6}"
+        f"{'fit ms':>8} {'snap ms':>8} {'snap cpu':>8} {'fit/fl':>6} {'snap/fl':>6}"
     )
 
 
@@ -91,7 +95,13 @@ def layerwise(params: float, hidden: int, dtype: torch.dtype, repeats: int) -> d
     from weibull_monitor.demos.toy import llama_config_with_params
 
     config = llama_config_with_params(params, hidden_size=hidden)
-    total: dict[str, object] = {"matrices": 0, "elements": 0, "fit_many": [0.0], "snapshot": [0.0]}
+    total: dict[str, object] = {
+        "matrices": 0,
+        "elements": 0,
+        "fit_many": [0.0],
+        "snapshot": [0.0],
+        "snapshot_cpu": [0.0],
+    }
     floors: dict[str, float] = {name: 0.0 for name in ("l2", "sum", "copy")}
     torch.manual_seed(0)
     for index in range(config.num_hidden_layers):
@@ -103,7 +113,7 @@ def layerwise(params: float, hidden: int, dtype: torch.dtype, repeats: int) -> d
         t = measure(layer, repeats)
         for name, ms in t["floor"].medians().items():  # type: ignore[union-attr]
             floors[name] += ms
-        for key in ("fit_many", "snapshot"):
+        for key in ("fit_many", "snapshot", "snapshot_cpu"):
             total[key][0] += statistics.median(t[key])  # type: ignore[index, arg-type]
         total["matrices"] += t["matrices"]  # type: ignore[operator]
         total["elements"] += t["elements"]  # type: ignore[operator]
@@ -137,7 +147,7 @@ def main() -> None:
             report(label, measure(build_model(params, dtype, hidden), args.repeats))
     print(
         "floor: the fastest of the l2 / sum / copy read passes over the same matrices (median of each); "
-        "snap/fl: snapshot median / floor (target <= 1.5)"
+        "snap/fl: snapshot median / floor (target <= 1.5); snap cpu: CPU time of the snapshot, all threads (ms)"
     )
     print(f"after: {machine_line()}")
 
