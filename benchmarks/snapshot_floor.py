@@ -124,6 +124,60 @@ def layerwise(params: float, hidden: int, dtype: torch.dtype, repeats: int) -> d
     return total
 
 
+def breakdown(model: torch.nn.Module, repeats: int) -> None:
+    """Where a snapshot's CPU time goes, stage by stage (process CPU time, all threads; medians): the counting
+    kernel alone (one ``count_many`` over every chunk, into one preallocated block), counting as ``fit_many`` does it
+    (slices, buffers, Python), the fit of the counted rows, ``fit_many``, the snapshot."""
+    from weibull_monitor.estimator import fit_many
+    from weibull_monitor.estimator.histogram import SLICE_ROWS, runtime
+    from weibull_monitor.estimator.histogram.fit_counts import compact, fit_compact
+    from weibull_monitor.monitor import WeibullMonitor
+    from weibull_monitor.snapshot import collect_entries
+
+    monitor = WeibullMonitor(model, None, every=10**9, store=None, rules=[])
+    entries = collect_entries(model, monitor.roles, getattr(model, "config", None))
+    named = [(entry.key, entry.matrix.tensor.detach()) for entry in entries]
+    tensors = [t for _, t in named]
+    block = torch.zeros(len(tensors), runtime.N_COLUMNS, dtype=torch.int64)
+    scratch = torch.zeros(runtime.N_BINS, dtype=torch.int32)
+    words = [(runtime._kernel_words(c), i) for i, t in enumerate(tensors) for c in runtime.chunks(t, 1 << 21)]
+    jobs = [(*w[1:], block[i].data_ptr()) for w, i in words if w is not None]
+    counted = runtime.count_batch(tensors)
+    rows = compact(counted.counts, counted.span, copy=True)
+    step = [0]
+
+    def counting() -> None:
+        buffer = runtime.CountBuffer(SLICE_ROWS)
+        for start in range(0, len(tensors), SLICE_ROWS):
+            part = buffer.count(tensors[start : start + SLICE_ROWS])
+            compact(part.counts, part.span, copy=True)
+            buffer.recycle(part)
+
+    def snapshot() -> None:
+        step[0] += 1
+        monitor.snapshot(step[0])
+
+    stages = {
+        "kernel": (lambda: runtime._KERNEL.count_many(jobs, scratch.data_ptr())) if runtime._KERNEL else None,
+        "counting": counting,
+        "fit": lambda: fit_compact(rows, counted.kinds, counted.reasons),
+        "fit_many": lambda: fit_many(named),
+        "snapshot": snapshot,
+    }
+    cpu: dict[str, list[float]] = {name: [] for name, fn in stages.items() if fn is not None}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name in cpu:
+            start = time.process_time()
+            with torch.no_grad(), runtime.torch_on_one_thread():  # as fit_many runs them
+                stages[name]()  # type: ignore[misc]
+            cpu[name].append((time.process_time() - start) * 1e3)
+    monitor.close()
+    n = sum(t.numel() for t in tensors)
+    print("   CPU ms (all threads): " + ", ".join(f"{k} {statistics.median(v[1:]):.1f}" for k, v in cpu.items()))
+    if "kernel" in cpu:
+        print(f"   kernel: {statistics.median(cpu['kernel'][1:]) * 1e6 / n:.3f} ns per element")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=None, help="default 100e6 (1e9 with --layerwise)")
@@ -132,6 +186,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--layerwise", action="store_true", help="one decoder layer at a time (a 1B-shaped model)")
+    parser.add_argument("--breakdown", action="store_true", help="also print the CPU time of each stage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = args.params or (1e9 if args.layerwise else 100e6)
@@ -144,7 +199,10 @@ def main() -> None:
         if args.layerwise:
             report(label + " L", layerwise(params, hidden, dtype, args.repeats))
         else:
-            report(label, measure(build_model(params, dtype, hidden), args.repeats))
+            model = build_model(params, dtype, hidden)
+            report(label, measure(model, args.repeats))
+            if args.breakdown:
+                breakdown(model, args.repeats)
     print(
         "floor: the fastest of the l2 / sum / copy read passes over the same matrices (median of each); "
         "snap/fl: snapshot median / floor (target <= 1.5); snap cpu: CPU time of the snapshot, all threads (ms)"
