@@ -296,3 +296,33 @@ def test_the_rank_search_equals_torch_searchsorted():
         assert torch.equal(R.search_sorted_rows(cum, keys), expected), trial
         with counting_backend("torch"):
             assert torch.equal(R.search_sorted_rows(cum, keys), expected), trial
+
+
+def test_the_kernel_counts_exact_zeros_of_fp32_rows_and_the_range_check_uses_them():
+    from weibull_monitor.estimator import fit_many
+    from weibull_monitor.estimator.fallbacks import in_histogram_range
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1200, 700, generator=g) * 0.02
+    w[5, :7] = 0.0
+    w[9, 3] = -0.0
+    tiny = w.clone()
+    tiny[100, :4] = 2.0**-140  # nonzero, but code 0: the histogram cannot place it
+    tensors = [w, w.t(), tiny, tiny.t(), w.reshape(12, 100, 700), w.to(torch.bfloat16), w.double()]
+    counted = R.count_batch(tensors)
+    if R._KERNEL is None:
+        assert counted.exact_zeros == [None] * len(tensors)
+    else:  # fp32 rows the kernel reads whole: their exact zeros; other dtypes: not asked
+        assert counted.exact_zeros == [8, 8, 8, 8, 8, None, None]
+    assert [int(c) for c in counted.counts[:, ZERO_COLUMN]] == [8, 8, 12, 12, 8, 8, 8]
+    fits = fit_many([(str(i), t) for i, t in enumerate(tensors)])
+    with counting_backend("torch"):  # no kernel: the range check makes its own pass
+        torch_fits = fit_many([(str(i), t) for i, t in enumerate(tensors)])
+    assert [f.to_dict() for f in fits.values()] == [f.to_dict() for f in torch_fits.values()]
+    assert [f.method for f in fits.values()] == ["histogram", "histogram", "exact", "exact", "histogram"] + [
+        "histogram"
+    ] * 2
+    # a count that disagrees with the zero column sends the fit to the exact method, as a pass would
+    histogram_fit = H.WeightHistogram.from_tensor(tiny).fit()
+    assert in_histogram_range(tiny, histogram_fit, exact_zeros=8).method == "exact"
+    assert in_histogram_range(tiny, histogram_fit, exact_zeros=12) is histogram_fit

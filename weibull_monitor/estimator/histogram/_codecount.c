@@ -156,6 +156,8 @@ typedef struct {
     const uint16_t *base;
     Py_ssize_t rows, cols, row_stride, col_stride;
     int64_t *out;
+    int64_t *zeros;         /* fp32 jobs: where to add the count of exact zeros (NULL: not asked) */
+    Py_ssize_t low_offset;  /* fp32 jobs: the low half of an element, in words from its high half */
     Py_ssize_t lo, hi;
 } Job;
 
@@ -171,28 +173,60 @@ static int check_job(Job *job, unsigned long long words, unsigned long long out_
 }
 
 static int parse_job(PyObject *item, Job *job) {
-    unsigned long long words, out_addr;
-    if (!PyArg_ParseTuple(item, "KnnnnK", &words, &job->rows, &job->cols, &job->row_stride, &job->col_stride,
-                          &out_addr)) {
+    unsigned long long words, out_addr, zeros_addr = 0;
+    job->low_offset = 0;
+    if (!PyArg_ParseTuple(item, "KnnnnK|Kn", &words, &job->rows, &job->cols, &job->row_stride, &job->col_stride,
+                          &out_addr, &zeros_addr, &job->low_offset)) {
         return -1;
     }
+    job->zeros = (int64_t *)(uintptr_t)zeros_addr;
     return check_job(job, words, out_addr);
+}
+
+/* Exact zeros of an fp32 job: elements whose high half has code 0 (|w| < 2**-133) and whose low half is 0 too.
+ * Only run when the count found code 0 at all (rare in real weights), so the fit's range check needs no pass of
+ * its own over the matrix (fallbacks.in_histogram_range). */
+static int64_t count_exact_zeros(const Job *job) {
+    int64_t zeros = 0;
+    for (Py_ssize_t r = 0; r < job->rows; r++) {
+        const uint16_t *p = job->base + r * job->row_stride;
+        if (job->col_stride == 2 && (job->low_offset == -1 || job->low_offset == 1)) {
+            /* contiguous fp32 patterns: whole 32-bit words, a loop the compiler vectorises */
+            const uint32_t *w = (const uint32_t *)(const void *)(p + (job->low_offset < 0 ? -1 : 0));
+            uint32_t row_zeros = 0;
+            for (Py_ssize_t c = 0; c < job->cols; c++) {
+                row_zeros += (w[c] & 0x7FFFFFFFu) == 0;
+            }
+            zeros += row_zeros;
+            continue;
+        }
+        for (Py_ssize_t c = 0; c < job->cols; c++, p += job->col_stride) {
+            zeros += (p[0] & CODE_MASK) == 0 && p[job->low_offset] == 0;
+        }
+    }
+    return zeros;
 }
 
 /* Count one job into scratch and drain it into its output row (under drain_lock); sets its span. No GIL needed. */
 static void run_job(Job *job, uint32_t *scratch) {
-    if ((double)job->rows * (double)job->cols <= TRACKED_MAX_ELEMENTS) {
+    const int tracked = (double)job->rows * (double)job->cols <= TRACKED_MAX_ELEMENTS;
+    if (tracked) {
         count_rows_tracked(job->base, job->rows, job->cols, job->row_stride, job->col_stride, scratch, &job->lo,
                            &job->hi);
-        PyThread_acquire_lock(drain_lock, WAIT_LOCK);
-        drain_range(scratch, job->out, job->lo, job->hi);
-        PyThread_release_lock(drain_lock);
     } else {
         count_rows(job->base, job->rows, job->cols, job->row_stride, job->col_stride, scratch);
-        PyThread_acquire_lock(drain_lock, WAIT_LOCK);
-        drain(scratch, job->out, &job->lo, &job->hi);
-        PyThread_release_lock(drain_lock);
     }
+    const int64_t zeros = job->zeros != NULL && scratch[0] > 0 ? count_exact_zeros(job) : 0;
+    PyThread_acquire_lock(drain_lock, WAIT_LOCK);
+    if (tracked) {
+        drain_range(scratch, job->out, job->lo, job->hi);
+    } else {
+        drain(scratch, job->out, &job->lo, &job->hi);
+    }
+    if (job->zeros != NULL) {
+        *job->zeros += zeros;
+    }
+    PyThread_release_lock(drain_lock);
 }
 
 static PyObject *span_of(const Job *job) {
@@ -211,7 +245,7 @@ PyDoc_STRVAR(count_codes_doc,
 
 static PyObject *count_codes(PyObject *self, PyObject *args) {
     unsigned long long words, scratch_addr, out_addr;
-    Job job;
+    Job job = {0};
     (void)self;
     if (!PyArg_ParseTuple(args, "KnnnnKK", &words, &job.rows, &job.cols, &job.row_stride, &job.col_stride,
                           &scratch_addr, &out_addr)) {
@@ -229,9 +263,11 @@ static PyObject *count_codes(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(count_many_doc,
              "count_many(jobs, scratch)\n\n"
-             "count_codes for every job of a sequence of (words, rows, cols, row_stride, col_stride, out) tuples, in\n"
-             "order, with the GIL released once for all of them (a thread's whole share of a batch in one call).\n"
-             "Returns one (first, last) span, or None, per job.");
+             "count_codes for every job of a sequence of (words, rows, cols, row_stride, col_stride, out[, zeros,\n"
+             "low_offset]) tuples, in order, with the GIL released once for all of them (a thread's whole share of\n"
+             "a batch in one call). fp32 jobs may add zeros (an int64 address): the count of their exact zeros,\n"
+             "the words at low_offset from each high half being the low halves. Returns one (first, last) span, or\n"
+             "None, per job.");
 
 static PyObject *count_many(PyObject *self, PyObject *args) {
     PyObject *seq_arg;
