@@ -165,7 +165,7 @@ def thread_pool(size: int) -> ThreadPoolExecutor:
 
 
 def load_kernel() -> Any:
-    """The compiled counting kernel module, or None (not built, built from an older source without ``count_many``,
+    """The compiled counting kernel module, or None (not built, built from an older source without ``search_rows``,
     or WEIBULL_MONITOR_COUNTING=torch asks for torch ops)."""
     if _codecount is None or os.environ.get("WEIBULL_MONITOR_COUNTING", "").strip().lower() == "torch":
         return None
@@ -200,8 +200,8 @@ def counting_backend(name: str) -> Iterator[None]:
 
 def search_sorted_rows(cum: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``torch.searchsorted(cum, keys)`` (the same integers): by the kernel for int64 rows on CPU, which gallops from
-    one key to the next (the fit's keys come in increasing runs; measured, [100, 3847] rows and [100, 1034] keys:
-    ~0.5 ms against ~3 ms), else by torch."""
+    one key to the next (the fit's keys come in increasing runs; measured, [100, 3847] rows and [100, 1034] random
+    sorted keys, one thread: 1.7 ms against 5.2 ms), else by torch."""
     kernel = _KERNEL
     if kernel is None or cum.device.type != "cpu" or cum.dtype != torch.int64 or keys.dtype != torch.int64:
         return torch.searchsorted(cum, keys)
