@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from floor import ReadFloor  # sibling script (benchmarks/ is on sys.path when run)
+from floor import ReadFloor, machine_line  # sibling script (benchmarks/ is on sys.path when run)
 
 from weibull_monitor.estimator import fit_weibull
 from weibull_monitor.estimator.histogram import WeightHistogram
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (medians)")
+    print(f"{machine_line()}; {args.repeats} repeats (medians)")
     header = (
         f"{'shape':>12} {'dtype':>9} {'floor ms':>9} {'hist ms':>8} {'count ms':>8} {'exact ms':>9} {'ratio':>6} "
         f"{'best':>5}"
@@ -58,12 +58,12 @@ def main() -> None:
                 reads.time_once()
                 fit.append(_ms(fit_weibull, w))
                 count.append(_ms(hist.fit))
-            base = reads.floor_ms()
+            floor = reads.floor_ms()
             exact = [_ms(lambda t: fit_weibull(t, method="exact"), w) for _ in range(args.exact_repeats)]
             print(
                 f"{'x'.join(map(str, shape)):>12} {str(dtype).removeprefix('torch.'):>9} "
-                f"{base:9.1f} {statistics.median(fit):8.1f} {statistics.median(count):8.1f} "
-                f"{statistics.median(exact):9.0f} {statistics.median(fit) / base:6.2f} "
+                f"{floor:9.1f} {statistics.median(fit):8.1f} {statistics.median(count):8.1f} "
+                f"{statistics.median(exact):9.0f} {statistics.median(fit) / floor:6.2f} "
                 f"{min(fit) / min(min(ts) for ts in reads.times.values()):5.2f}"
             )
     print("hist ms: histogram method, whole fit; count ms: fitting the counts alone (included in hist ms);")

@@ -13,11 +13,20 @@ LLaMA-shaped model: ``python benchmarks/floor.py [--params 125e6] [--dtype bf16]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+
+# Measure the checkout these scripts sit in, not whatever copy is installed: run as ``python benchmarks/x.py``,
+# sys.path[0] is benchmarks/, so without this an editable install of another worktree would be the one timed.
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
 PASS_NAMES = ("l2", "sum", "copy")
 
@@ -77,6 +86,25 @@ class ReadFloor:
     def fastest(self) -> str:
         medians = self.medians()
         return min(medians, key=medians.__getitem__)
+
+
+def machine_line() -> str:
+    """CPU model, cores, load average and the counting backend in use: what a reader needs to weigh the figures."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    import weibull_monitor
+    from weibull_monitor.estimator.histogram import COUNTING_BACKEND
+
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"{model}, {os.cpu_count()} cores, load average {load} (1/5/15 min), torch {torch.__version__} on "
+        f"{torch.get_num_threads()} threads, counting: {COUNTING_BACKEND} "
+        f"({Path(weibull_monitor.__file__).parent.parent})"
+    )
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device | None = None) -> float:

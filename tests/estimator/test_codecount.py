@@ -249,3 +249,80 @@ def test_packed_counts_fit_like_full_rows(accelerator_path):
     empty = H.fit_packed_counts(torch.tensor([[3, 0], [0, 2]]), N_BINS, ["fp32", "bf16"])  # no code used
     assert [(f.ok, f.n_zero, f.n_nonfinite) for f in empty] == [(False, 3, 0), (False, 0, 2)]
     assert all(f.reason for f in empty)
+
+
+@kernel
+def test_count_many_equals_one_call_per_job_and_reports_each_span():
+    from weibull_monitor.estimator.histogram import _codecount
+
+    views = [
+        _special_values(torch.bfloat16, 960),  # scanned (> 64K elements)
+        _special_values(torch.float32)[:, ::3],  # tracked span, strided fp32 high halves
+        _special_values(torch.float16).t(),
+        torch.zeros(3, 3),  # only code 0: no span
+        torch.randn(700, 300)[::2],  # several rows, stride 2 rows
+    ]
+    rows = torch.zeros(len(views), N_BINS, dtype=torch.int64)
+    jobs, keep, expected = [], [], []
+    for i, view in enumerate(views):
+        t, address, n_rows, cols, row_stride, col_stride = R._kernel_words(view)
+        keep.append(t)
+        jobs.append((address, n_rows, cols, row_stride, col_stride, rows[i].data_ptr()))
+        row = torch.zeros(N_BINS, dtype=torch.int64)
+        expected.append((row, R.count_into(row, view)))
+    scratch = torch.zeros(N_BINS, dtype=torch.int32)
+    spans = _codecount.count_many(jobs, scratch.data_ptr())
+    assert int(scratch.count_nonzero()) == 0
+    for i, (span, (row, want)) in enumerate(zip(spans, expected)):
+        assert torch.equal(rows[i], row), i
+        assert (span if span is not None else R.NO_CODES) == want, i
+    assert _codecount.count_many([], scratch.data_ptr()) == []
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        _codecount.count_many([(0, 1 << 16, 1 << 16, 0, 1, rows[0].data_ptr())], scratch.data_ptr())
+    with pytest.raises(TypeError):
+        _codecount.count_many([("not an address", 1, 1, 0, 1, 0)], scratch.data_ptr())
+
+
+def test_the_rank_search_equals_torch_searchsorted():
+    # with the kernel (search_rows) and without it (torch): the same integers, sorted runs of keys or not
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        rows, width, n = (int(torch.randint(0, hi, (1,), generator=g)) for hi in (5, 50, 30))
+        cum = torch.randint(0, 4, (rows, width), generator=g).cumsum(1)
+        keys = torch.randint(-3, 4 * width + 5, (rows, n), generator=g)
+        if trial % 2:
+            keys = keys.sort(1).values
+        expected = torch.searchsorted(cum, keys)
+        assert torch.equal(R.search_sorted_rows(cum, keys), expected), trial
+        with counting_backend("torch"):
+            assert torch.equal(R.search_sorted_rows(cum, keys), expected), trial
+
+
+def test_the_kernel_counts_exact_zeros_of_fp32_rows_and_the_range_check_uses_them():
+    from weibull_monitor.estimator import fit_many
+    from weibull_monitor.estimator.fallbacks import in_histogram_range
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1200, 700, generator=g) * 0.02
+    w[5, :7] = 0.0
+    w[9, 3] = -0.0
+    tiny = w.clone()
+    tiny[100, :4] = 2.0**-140  # nonzero, but code 0: the histogram cannot place it
+    tensors = [w, w.t(), tiny, tiny.t(), w.reshape(12, 100, 700), w.to(torch.bfloat16), w.double()]
+    counted = R.count_batch(tensors)
+    if R._KERNEL is None:
+        assert counted.exact_zeros == [None] * len(tensors)
+    else:  # fp32 rows the kernel reads whole: their exact zeros; other dtypes: not asked
+        assert counted.exact_zeros == [8, 8, 8, 8, 8, None, None]
+    assert [int(c) for c in counted.counts[:, ZERO_COLUMN]] == [8, 8, 12, 12, 8, 8, 8]
+    fits = fit_many([(str(i), t) for i, t in enumerate(tensors)])
+    with counting_backend("torch"):  # no kernel: the range check makes its own pass
+        torch_fits = fit_many([(str(i), t) for i, t in enumerate(tensors)])
+    assert [f.to_dict() for f in fits.values()] == [f.to_dict() for f in torch_fits.values()]
+    assert [f.method for f in fits.values()] == ["histogram", "histogram", "exact", "exact", "histogram"] + [
+        "histogram"
+    ] * 2
+    # a count that disagrees with the zero column sends the fit to the exact method, as a pass would
+    histogram_fit = H.WeightHistogram.from_tensor(tiny).fit()
+    assert in_histogram_range(tiny, histogram_fit, exact_zeros=8).method == "exact"
+    assert in_histogram_range(tiny, histogram_fit, exact_zeros=12) is histogram_fit

@@ -27,7 +27,7 @@ EXACT_FALLBACK_ELEMENTS = 1 << 26
 float64 copy of it is sorted); a larger one gets ok=False with the reason."""
 
 
-def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
+def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit, *, exact_zeros: int | None = None) -> WeibullFit:
     """``fit`` (a histogram fit of ``tensor``), or the exact fit when some values lie outside the histogram's range.
 
     The fp32 kind reads a value through the high 16 bits of its float32 pattern (fp64 rounded to float32 first):
@@ -37,7 +37,8 @@ def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
     only for matrices with a zero), and for fp64 the true non-finite values (fp32's are exact). Equal counts keep
     the histogram fit; different ones mean values the histogram cannot place, and the exact method (which reads every
     value in float64) fits the tensor instead, or, past EXACT_FALLBACK_ELEMENTS, the fit is not ok and says why.
-    Never raises.
+    ``exact_zeros``: the true zeros of an fp32 tensor when the counting kernel counted them alongside the codes
+    (``Counted.exact_zeros``): then no pass is made. Never raises.
     """
     if fit.n_zero == 0 and fit.n_nonfinite == 0:  # nothing the histogram could have misplaced
         return fit
@@ -50,7 +51,12 @@ def in_histogram_range(tensor: torch.Tensor, fit: WeibullFit) -> WeibullFit:
             return fit
         with torch.no_grad():
             numel = t.numel()
-            zeros = numel - _count_nonzero(t) if fit.n_zero else 0  # NaN counts as nonzero, as it must
+            if not fit.n_zero:
+                zeros = 0
+            elif exact_zeros is not None and t.dtype == torch.float32:
+                zeros = exact_zeros
+            else:
+                zeros = numel - _count_nonzero(t)  # NaN counts as nonzero, as it must
             nonfinite = numel - int(torch.isfinite(t).sum()) if wide and fit.n_nonfinite else fit.n_nonfinite
         if zeros == fit.n_zero and nonfinite == fit.n_nonfinite:
             return fit

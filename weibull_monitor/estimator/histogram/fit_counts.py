@@ -30,6 +30,7 @@ from weibull_monitor.estimator.histogram.codes import (
 from weibull_monitor.estimator.histogram.runtime import (
     POOL_PREFIX,
     pool_size,
+    search_sorted_rows,
     thread_pool,
     torch_on_one_thread,
 )
@@ -229,7 +230,7 @@ def _fit_rows_on_device(counts: Compact, kind_idx: torch.Tensor, host_reads: boo
 
     # Resolution: the codes at the first and last middle ranks.
     last_column = cum.shape[1] - 1
-    span_codes = torch.searchsorted(cum, torch.stack([lo, hi], dim=1).contiguous()).clamp(max=last_column)
+    span_codes = search_sorted_rows(cum, torch.stack([lo, hi], dim=1)).clamp(max=last_column)
     span = span_codes[:, 1] - span_codes[:, 0] + 1
 
     # Exact kinds beyond the rank-by-rank size: the step function x(rank) is known exactly, so the sums that
@@ -390,7 +391,7 @@ def _lookup(
     """
     table = tables(cum.device).reshape(3, -1)
     # The element at position r is in the first code whose cumulative count reaches ceil(r).
-    code = torch.searchsorted(cum, torch.ceil(pos).to(torch.int64)).clamp_(max=cum.shape[1] - 1)
+    code = search_sorted_rows(cum, torch.ceil(pos).to(torch.int64)).clamp_(max=cum.shape[1] - 1)
     count = mags.gather(1, code)
     t = (cum.gather(1, code) - count).to(torch.float64).neg_().add_(pos)  # position within the code's bin
     t.div_(count.to(torch.float64).clamp_(min=1.0)).clamp_(0.0, 1.0)
