@@ -1,5 +1,5 @@
 """The demo check: ``weibull-monitor demo``'s own recipe (HF Trainer, its model, dataset and arguments) trained with
-the monitor (``rules=[]``) *and* this suite's attention probe and weights-only per-head figures, so the proposed rules
+the monitor (``rules=[]``) *and* this suite's attention probe and weights-only per-head figures, so the package rules
 (the weights-only one included) and the ground truth can both be applied to exactly what the demo trains.
 
     python benchmarks/alert_quality.py --demo-check --out out/demo_check [--steps 600]

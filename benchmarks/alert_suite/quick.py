@@ -1,5 +1,5 @@
 """``--quick``: a handful of short runs and robust assertions (the CI test): every run's ground truth is what it
-was built to be, every failing run is flagged (warning or critical) by the proposed rules at or after its cause,
+was built to be, every failing run is flagged (warning or critical) by the package rules at or after its cause,
 no healthy run or control raises a warning or critical, and the replay reproduces the live monitor's alerts."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def replay_fidelity(stream: TextIO, steps: int = 40) -> bool:
 def check_quick(data: Mapping[str, RunData], stream: TextIO) -> int:
     from .report import RULE_SETS, run_rule_set
 
-    result = run_rule_set("proposed", RULE_SETS["proposed"], data)
+    result = run_rule_set("package", RULE_SETS["package"], data)
     failures = []
     for name, d in sorted(data.items()):
         lab = d.label

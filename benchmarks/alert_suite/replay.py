@@ -81,6 +81,14 @@ class Stats:
     T_over_tau: float
     scale_over_sqrt_lr_wd: float
     scale_over_sqrt_peak_lr_wd: float
+    # recomputed here the way the package's SnapshotBuilder does (stores written before these fields lack them)
+    k_first: float = NAN
+    k_first_stderr: float = NAN
+    drift_from_first: float = NAN
+    drift_from_first_z: float = NAN
+    scale_rate: float = NAN
+    scale_rate_max_before: float = NAN
+    scale_rate_count: int = 0
 
 
 @dataclass
@@ -96,6 +104,10 @@ class ReplaySnapshot:
     first: dict[str, Fit] = field(default_factory=dict)  # each matrix's fit at its first snapshot
     extras: dict[str, Any] = field(default_factory=dict)
     alerts: list[Any] = field(default_factory=list)
+    # the package's Snapshot fields, from the run's signals (the weights-only per-head figures)
+    logit_bounds: dict[int, list[float]] = field(default_factory=dict)
+    logit_bounds_first: dict[int, list[float]] = field(default_factory=dict)
+    attention_qk_norm: bool | None = None
 
 
 _STAT_FIELDS = (
@@ -140,7 +152,11 @@ def load_snapshots(
     for row in agg_rows:
         if row["value"] is not None:
             aggs_by_step.setdefault(row["step"], {})[row["metric"]] = float(row["value"])
+    from weibull_monitor.snapshot.dynamics import scale_rate_update
+
     first: dict[str, Fit] = {}
+    scale_prev: dict[str, Any] = {}
+    scale_history: dict[str, Any] = {}
     out = []
     for srow in snap_rows:
         step = int(srow["step"])
@@ -171,9 +187,16 @@ def load_snapshots(
                 metric_key=row["metric_key"],
                 in_aggregates=bool(row["in_aggregates"]),
                 **{name: _f(row[name]) for name in _STAT_FIELDS},
+                **_from_first(fit, first.get(key)),
+                **_rate(fit, key, step, scale_prev, scale_history, scale_rate_update),
             )
+        extra = extras(step) if extras is not None else {}
+        bounds, bounds_first = extra.get("qk_head_norms") or [], extra.get("qk_head_norms_first") or []
         out.append(
             ReplaySnapshot(
+                logit_bounds=dict(enumerate(bounds)),
+                logit_bounds_first=dict(enumerate(bounds_first)),
+                attention_qk_norm=extra.get("qk_norm"),
                 step=step,
                 fits=fits,
                 roles=roles,
@@ -183,10 +206,33 @@ def load_snapshots(
                 expectation=srow["expectation"],
                 T_over_tau=srow["T_over_tau"],
                 first=dict(first),
-                extras=extras(step) if extras is not None else {},
+                extras=extra,
             )
         )
     return out
+
+
+def _from_first(fit: Fit, first: Fit | None) -> dict[str, float]:
+    if first is None or not fit.ok:
+        return {}
+    drift = fit.k - first.k
+    se = math.hypot(fit.k_stderr, first.k_stderr)
+    return {
+        "k_first": first.k,
+        "k_first_stderr": first.k_stderr,
+        "drift_from_first": drift,
+        "drift_from_first_z": drift / se if se > 0 else NAN,
+    }
+
+
+def _rate(fit: Fit, key: str, step: int, prev: dict, history: dict, update: Callable) -> dict[str, Any]:
+    if not fit.ok:
+        return {}
+    (rate, before, count), new_prev, new_history = update(prev.get(key), history.get(key), step, fit.scale)
+    if new_prev is not None:
+        prev[key] = new_prev
+    history[key] = new_history
+    return {"scale_rate": rate, "scale_rate_max_before": before, "scale_rate_count": count}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ def proposed_rule_set() -> list[Any]:
     return proposed_rules()
 
 
-RULE_SETS: dict[str, Callable[[], list[Any]]] = {"default": default_rule_set, "proposed": proposed_rule_set}
+#: The package's rules (the prototypes frozen on the calibration half, moved into the package; the rules before
+#: issue 14 are scored in docs/alerts.md §4 from the package of that time).
+RULE_SETS: dict[str, Callable[[], list[Any]]] = {"package": proposed_rule_set}
 
 
 @dataclass
@@ -297,7 +299,7 @@ def run_report(
     rows = []
     for result in results.values():
         rows += rule_rows(result, data)
-    proposed = {r.split: r.summary.flagged for r in rows if r.detector == "proposed: any warning+"}
+    proposed = {r.split: r.summary.flagged for r in rows if r.detector == "package: any warning+"}
     rows += baseline_rows(baselines, data, proposed)
     rows += baseline_rows(run_baselines(data, KSCORES), data, proposed)
     print("", file=stream)
@@ -307,7 +309,7 @@ def run_report(
     print("", file=stream)
     for result in results.values():
         first_rules(result, data, stream)
-    targets(results["proposed"], baselines, data, stream)
+    targets(results["package"], baselines, data, stream)
     return 0
 
 
@@ -338,7 +340,7 @@ def targets(
     }
     print(f"\nTargets on the held-out half ({s.n_failing} failing, {s.n_negative} negatives):", file=stream)
     print(
-        f"  proposed rules: recall {s.detected}/{s.n_failing} ({100 * s.recall:.0f}%), in time {s.in_time}, "
+        f"  package rules: recall {s.detected}/{s.n_failing} ({100 * s.recall:.0f}%), in time {s.in_time}, "
         f"false alarms {s.flagged}/{s.n_negative} ({100 * s.fa_rate:.1f}%), median lead "
         f"{_fmt(s.median_lead_intervals, '+.1f')} intervals ({_fmt(s.median_lead_steps, '+.0f')} steps)",
         file=stream,
@@ -366,7 +368,7 @@ def targets(
 
 
 def replay_stores(paths: Sequence[Path], stream: TextIO = sys.stdout) -> int:
-    """Every run of every store through the default and the proposed rules; prints warning+ alerts, counts info.
+    """Every run of every store through the package rules; prints warning+ alerts, counts info.
     (A store alone has no per-head figures: the weights-only rule stays silent here.)"""
     from .replay import load_snapshots, store_runs
 

@@ -54,6 +54,7 @@ from weibull_monitor.sinks.frozen import frozen_alert
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, adapters, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
+from weibull_monitor.snapshot.logit_bound import attention_logit_bounds
 from weibull_monitor.store import RunStore, StoreError, StoreWriter
 
 __all__ = ["WeibullMonitor"]
@@ -263,6 +264,11 @@ class WeibullMonitor(ResumeMixin):
         # fitted on their effective weight, frozen ones once (snapshot/adapters.py)
         fitted = self._adapters.fit(entries, self.method)
         fits = fitted.fits
+        try:  # weights only, local tensors only (a sharded Q/K is skipped with its reason, never gathered)
+            bounds = attention_logit_bounds(self.model, entries, config)
+        except Exception as error:  # a bound that cannot be computed never stops training
+            bounds = None
+            self._report_once("logit-bound", f"weibull-monitor: attention-logit bound failed: {error!r}", error)
         for key, fit in fits.items():
             if not fit.ok and key not in skipped and fit.reason:
                 skipped[key] = fit.reason
@@ -277,6 +283,7 @@ class WeibullMonitor(ResumeMixin):
             rates=group_rates(self.optimizer) if self.optimizer is not None else (),
             attention_kind=self._attention_kind,
             expectation=self._expectation,
+            logit_bounds=bounds,
         )
         adapters.report(snapshot, fitted)
         snapshot.alerts = self.engine(snapshot)
