@@ -222,12 +222,16 @@ def test_builtin_rule_fires_into_store_log_and_callback(case, tmp_path, caplog):
     assert len(logged) == len(expected)
     assert {logging.getLevelName(r.levelno).lower() for r in logged} == {lvl for _, lvl, _ in expected}
     if any(lvl != "info" for _, lvl, _ in expected):  # every warning and critical says what to try
-        assert all(" try " in a["message"] or "roll back" in a["message"] for a in stored if a["level"] != "info")
+        assert all(
+            " try " in a["message"] or "roll back" in a["message"] for a in stored if a["level"] != "info"
+        )
     assert monitor.stop_requested == any(lvl == "critical" for _, lvl, _ in expected)
     if not expected:
         return
     first = received[0]
-    assert (first.matrices or case == "logit_bound") and all(isinstance(v, float) for v in first.values.values())
+    assert (first.matrices or case == "logit_bound") and all(
+        isinstance(v, float) for v in first.values.values()
+    )
     if case == "shape":  # quantile-ratio figures replace k when the shape is not Weibull
         assert first.values["r2"] < 0.95 and first.values["q90_over_q10"] > 1
 
