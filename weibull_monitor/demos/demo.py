@@ -6,8 +6,8 @@ every Python install carries, so nothing is downloaded. It trains through the Hu
 then draws the report and prints where every output is and how to open it.
 
 The learning rate (1e-3) and decoupled weight decay (1.0) are chosen so that a run of a few minutes already shows
-what the monitor is for (Selection matrices leaving their start, scales λ growing, T/τ reaching about 0.6) and stays
-healthy: the attention of every layer keeps its entropy above 0.7 nats and no alert above info fires. At the earlier
+what the monitor is for (Selection matrices leaving their start and their λ growing, T/τ reaching about 0.6) and
+stays healthy: the attention of every layer keeps its entropy above 0.7 nats and no alert above info fires. At the earlier
 recipe (lr 3e-3, weight decay 0.1) the last layer's attention went one-hot (entropy below 0.3 nats from step ~175),
 the final loss was worse (2.15 against 1.82 over the last 50 steps), and ``attention_logit_bound`` rightly warned
 (docs/alerts.md §7).
