@@ -5,6 +5,7 @@
     python benchmarks/alert_quality.py --quick --out out/alert_quick    # CI mode: 5 short runs, assertions
     python benchmarks/alert_quality.py --replay out/demo/weibull.sqlite  # any RunStore through both rule sets
     python benchmarks/alert_quality.py --demo-check --out out/demo_check # the demo's recipe with the probe
+    python benchmarks/alert_quality.py --demo-variants --out out/demo_variants  # the demo's model at 6 recipes
 
 Every run is cached under ``--out/<run name>/`` (``store.sqlite`` written by the monitor with ``rules=[]``, and
 ``signals.json`` with the ground-truth signals); scoring rebuilds the snapshots from the stores and feeds them
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=None, help="--demo-check: optimizer steps (default: the demo's)"
     )
+    parser.add_argument(
+        "--demo-variants", action="store_true", help="train the demo's model at 6 recipes, print their health"
+    )
     args = parser.parse_args(argv)
     if args.demo_check:
         from benchmarks.alert_suite.report import demo_check
@@ -69,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.alert_suite.report import replay_stores
 
         return replay_stores(args.replay)
+    if args.demo_variants:
+        from benchmarks.alert_suite.report import demo_variants_report
+
+        specs = runs_module.demo_variants()
+        train_missing(specs, args.out, args.threads, args.retrain)
+        return demo_variants_report(specs, args.out)
     specs = runs_module.quick_suite() if args.quick else runs_module.full_suite()
     specs = [s for s in specs if fnmatch.fnmatchcase(s.name, args.only)]
     if not args.score:

@@ -185,6 +185,14 @@ def full_suite(seeds: tuple[int, ...] = (0, 1, 2, 3)) -> list[RunSpec]:
     return specs
 
 
+def demo_variants() -> list[RunSpec]:
+    """The demo's model and recipe (plain loop, with the probe) at the old demo setting (lr 3e-3, wd 0.1, the suite's
+    ``demo_llama``) and around it: which recipe keeps the demo's attention healthy (docs/alerts.md §7)."""
+    base = dict(steps=600, warmup=30, batch=8, seq_len=64, betas=(0.9, 0.999), every=20)
+    settings = ((3e-3, 0.1), (3e-3, 0.5), (3e-3, 1.0), (2e-3, 0.1), (1e-3, 0.1), (1e-3, 1.0))
+    return [RunSpec("demo_llama", 0, "healthy", lr=lr, weight_decay=wd, **base) for lr, wd in settings]
+
+
 def selection_search() -> list[RunSpec]:
     """Long separate-Q/K runs at high T/τ, the search for the paper's Selection collapse proper."""
     return [

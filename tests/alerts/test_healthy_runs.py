@@ -40,7 +40,9 @@ class EncoderLM(torch.nn.Module):
         layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
         self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = torch.nn.Linear(width, 256)
-        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+        self.register_buffer(
+            "mask", torch.nn.Transformer.generate_square_subsequent_mask(seq), persistent=False
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids) + self.pos(torch.arange(ids.shape[1]))
