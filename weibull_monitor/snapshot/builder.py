@@ -9,6 +9,7 @@ optimizer group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +68,8 @@ class SnapshotBuilder:
                 )
                 if prev is not None:
                     self.scale_prev[key] = prev
-                self.scale_rate_history[key] = history
+                if history[1] > 0:  # kept once there is a rate (no NaN in the JSON state)
+                    self.scale_rate_history[key] = history
         fused_parents = {e.param_name for e in entries if e.component is not None}
         matrices = dynamics.matrix_stats(
             fits,
@@ -86,10 +88,13 @@ class SnapshotBuilder:
         t_over_tau = dynamics.representative_budget(sizes, group_of, self.budget)
         bounds = logit_bounds or LogitBounds()
         for layer, values in bounds.bounds.items():
-            self.logit_bounds_first.setdefault(layer, list(values))
+            if layer not in self.logit_bounds_first and all(math.isfinite(v) for v in values):
+                self.logit_bounds_first[layer] = list(values)
         return Snapshot(
             logit_bounds=dict(bounds.bounds),
-            logit_bounds_first={layer: self.logit_bounds_first[layer] for layer in bounds.bounds},
+            logit_bounds_first={
+                layer: self.logit_bounds_first[layer] for layer in bounds.bounds if layer in self.logit_bounds_first
+            },
             logit_bounds_skipped=dict(bounds.skipped),
             attention_qk_norm=bounds.qk_norm,
             step=int(step),
