@@ -294,3 +294,14 @@ def test_engine_state_round_trip_with_new_rules():
     resumed.load_state_dict(json.loads(json.dumps(engine.state_dict())))
     snap.step = 20
     assert resumed(snap) == []  # cooling down after a resume as it would without one
+
+
+def test_bound_of_a_zero_head_is_zero_and_the_others_unchanged():
+    model = tiny_llama(0)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    entries = collect_entries(model, model_roles(model), model.config)
+    before = attention_logit_bounds(model, entries, model.config).bounds[0]
+    with torch.no_grad():
+        q[:16].zero_()  # head 0 of 4 (head_dim 16): a singular Gram matrix
+    after = attention_logit_bounds(model, entries, model.config).bounds[0]
+    assert after[0] == pytest.approx(0.0, abs=1e-9) and after[1:] == pytest.approx(before[1:], rel=1e-9)

@@ -12,8 +12,8 @@ of fused projections that a verified layout split). Nothing is gathered: a shard
 parallel) or a layout that cannot be told skips the bound with a recorded reason.
 
 Computation per layer, batched over heads: the Gram matrices G_q = Q_h diag(g²) Q_hᵀ and G_k (head_dim × head_dim,
-one read of each matrix), then σ_max(Q_hᵀ K_h)² = λ_max(G_q^{1/2} G_k G_q^{1/2}) by two small symmetric
-eigendecompositions.
+one read of each matrix), then σ_max(Q_hᵀ K_h)² = λ_max(Lᵀ G_k L) with G_q = L Lᵀ (Cholesky; a small symmetric
+eigendecomposition per head).
 """
 
 from __future__ import annotations
@@ -97,9 +97,14 @@ def _head_bounds(q: torch.Tensor, k: torch.Tensor, head_dim: int, gain: torch.Te
     n_q, n_kv = gram_q.shape[0], gram_k.shape[0]
     if n_kv != n_q:
         gram_k = gram_k.repeat_interleave(n_q // n_kv, dim=0)
-    values, vectors = torch.linalg.eigh(gram_q.double())
-    root = (vectors * values.clamp_min(0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
-    top = torch.linalg.eigvalsh(root @ gram_k.double() @ root)[:, -1].clamp_min(0).sqrt()
+    gram_q, gram_k = gram_q.double(), gram_k.double()
+    # λ_max(G_q G_k) = λ_max(Lᵀ G_k L) with G_q = L Lᵀ (a Cholesky factor: 2-3x cheaper than a square root by
+    # eigendecomposition); a singular G_q (a zero or rank-deficient head) takes the square root instead
+    factor, info = torch.linalg.cholesky_ex(gram_q)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(gram_q)
+        factor = (vectors * values.clamp_min(0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
+    top = torch.linalg.eigvalsh(factor.transpose(1, 2) @ gram_k @ factor)[:, -1].clamp_min(0).sqrt()
     return [float(v) * head_dim**-0.5 * hidden for v in top]
 
 
