@@ -91,9 +91,11 @@ class SnapshotBuilder:
             if layer not in self.logit_bounds_first and all(math.isfinite(v) for v in values):
                 self.logit_bounds_first[layer] = list(values)
         return Snapshot(
-            logit_bounds=dict(bounds.bounds),
-            logit_bounds_first={
-                layer: self.logit_bounds_first[layer] for layer in bounds.bounds if layer in self.logit_bounds_first
+            logit_bounds={layer: tuple(values) for layer, values in bounds.bounds.items()},
+            logit_bounds_first={  # copies: what a sink does to a snapshot never reaches the builder's state
+                layer: tuple(self.logit_bounds_first[layer])
+                for layer in bounds.bounds
+                if layer in self.logit_bounds_first
             },
             logit_bounds_skipped=dict(bounds.skipped),
             attention_qk_norm=bounds.qk_norm,
