@@ -82,8 +82,8 @@ class WeibullMonitor(ResumeMixin):
         rules: alert rules (None: the built-in :func:`weibull_monitor.alerts.default_rules`; [] for none).
         include / exclude: parameter names to watch / skip (glob patterns, a regex or a callable).
         method: ``"histogram"`` (fast, default) or ``"exact"`` (full sort).
-        logit_bounds: compute the weights-only attention-logit bounds (rule ``attention_logit_bound``; about 4
-            read passes of W_q and W_k per layer on a CPU, docs/alerts.md); False skips them.
+        logit_bounds: compute the weights-only attention-logit bounds (rule ``attention_logit_bound``; on a CPU
+            about 3 read passes of W_q and W_k per layer at hidden 4096, docs/alerts.md §6); False skips them.
         run_name: the run in the store; reusing a name resumes that run (its state is restored from the store);
             a restart from step 0 under a used name supersedes the old timeline, with a warning.
         on_alert: called with every fired :class:`Alert` (exceptions are reported once, never raised).
