@@ -22,5 +22,7 @@ def sabotage_queries(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 def collapse_rule() -> SelectionCollapse:
-    """Critical as soon as one W_q sits below k 1.1 (Laplace: 1.0; Gaussian: 1.2), from step 5 on."""
-    return SelectionCollapse(threshold=1.15, matrix_threshold=1.1, warmup=5, patience=1)
+    """Critical as soon as one W_q sits below k 1.1 (Laplace: 1.0; Gaussian: 1.2), from step 5 on, whatever the
+    attention kind and with no noise allowance (the built-in thresholds sit far lower, below healthy ranges)."""
+    limits = dict.fromkeys(("deep", "mild", "transitional", None), (1.15, 1.1))
+    return SelectionCollapse(thresholds=limits, z=0.0, warmup=5, patience=1)

@@ -108,11 +108,13 @@ def test_bad_configuration_is_refused():
 import torch  # noqa: E402
 
 from weibull_monitor.alerts import (  # noqa: E402
+    AttentionLogitBound,
     NonFiniteWeights,
     NonWeibullShape,
     ScaleRunaway,
     SelectionCollapse,
     SelectionDepartureOnset,
+    ShapeDriftUp,
     TransmissionOutOfBand,
 )
 from weibull_monitor.demos.toy import tiny_llama  # noqa: E402
@@ -160,6 +162,16 @@ def _mixture(model):
     _set(model, ("layers.0.mlp.up_proj.weight",), make)
 
 
+def _uniform_attention(model):  # k 1.2054 -> 1.375: the shape drifts up from where it started
+    _set(model, ("q_proj.weight", "k_proj.weight"), lambda shape, i: (torch.rand(shape) * 2 - 1) * 0.03)
+
+
+def _scale_qk(model):  # W_q and W_k of layer 0 ×12 each: its logit bound ×144
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(12)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(12)
+
+
 def _nan(model):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
@@ -169,11 +181,16 @@ CASES = {
     # rule, sabotage applied before snapshot 0 (or between 0 and 25 for growth), expected (step, level, key)
     "collapse": (SelectionCollapse(patience=2, cooldown=50), _one_deep, None,
                  [(25, "warning", "median"), (25, "critical", "matrix"), (75, "warning", "median"), (75, "critical", "matrix")]),
-    "onset": (SelectionDepartureOnset(), _laplace, None, [(0, "info", "selection")]),
-    "band": (TransmissionOutOfBand(patience=3), _uniform_transmission, None, [(50, "warning", "median")]),
-    "shape": (NonWeibullShape(cooldown=1000), _mixture, None, [(0, "warning", "model.layers.0.mlp.up_proj.weight")]),
+    # measured from each matrix's first snapshot: a Laplace start is where it starts, a later change departs
+    "onset": (SelectionDepartureOnset(), None, _laplace, [(25, "info", "selection")]),
+    "onset_start": (SelectionDepartureOnset(), _laplace, None, []),
+    "band": (TransmissionOutOfBand(patience=3, min_T_over_tau=None), _uniform_transmission, None, [(50, "info", "median")]),
+    "band_in_progress": (TransmissionOutOfBand(patience=3), _uniform_transmission, None, []),  # no T/tau: not comparable
+    "shape": (NonWeibullShape(cooldown=1000), _mixture, None, [(0, "info", "model.layers.0.mlp.up_proj.weight")]),
     "runaway": (ScaleRunaway(patience=1), None, lambda m: m.model.layers[0].self_attn.o_proj.weight.data.mul_(8),
-                [(25, "warning", "model.layers.0.self_attn.o_proj.weight")]),
+                [(25, "info", "model.layers.0.self_attn.o_proj.weight")]),
+    "drift_up": (ShapeDriftUp(classes=("selection",), z=3.0), None, _uniform_attention, [(25, "warning", "selection")]),
+    "logit_bound": (AttentionLogitBound(), None, _scale_qk, [(25, "warning", "heads")]),
     "nonfinite": (NonFiniteWeights(), _nan, None, [(s, "critical", "weights") for s in (0, 25, 50, 75)]),
 }  # fmt: skip
 
@@ -204,9 +221,17 @@ def test_builtin_rule_fires_into_store_log_and_callback(case, tmp_path, caplog):
     logged = [r for r in caplog.records if rule.rule_name in r.getMessage() and "alert" in r.getMessage()]
     assert len(logged) == len(expected)
     assert {logging.getLevelName(r.levelno).lower() for r in logged} == {lvl for _, lvl, _ in expected}
+    if any(lvl != "info" for _, lvl, _ in expected):  # every warning and critical says what to try
+        assert all(
+            " try " in a["message"] or "roll back" in a["message"] for a in stored if a["level"] != "info"
+        )
     assert monitor.stop_requested == any(lvl == "critical" for _, lvl, _ in expected)
+    if not expected:
+        return
     first = received[0]
-    assert first.matrices and all(isinstance(v, float) for v in first.values.values())
+    assert (first.matrices or case == "logit_bound") and all(
+        isinstance(v, float) for v in first.values.values()
+    )
     if case == "shape":  # quantile-ratio figures replace k when the shape is not Weibull
         assert first.values["r2"] < 0.95 and first.values["q90_over_q10"] > 1
 

@@ -41,3 +41,7 @@ def test_fully_shard_at_world_size_one_fits_every_matrix(tmp_path):
     assert result["skipped"] == {}
     assert result["aggregates"] > 0
     assert result["max_dk"] == 0.0 and result["max_dscale"] == 0.0  # the same counts as the plain tensors
+    # the weights-only logit bound never gathers a sharded Q/K: each layer is skipped, with the reason recorded
+    assert result["logit_bounds"] == 0
+    assert sorted(result["logit_bounds_skipped"]) == ["0", "1"]
+    assert all("sharded" in reason for reason in result["logit_bounds_skipped"].values())

@@ -174,6 +174,7 @@ def test_rollback_in_one_process_without_state_is_detected(tmp_path, caplog):
     checkpoints: dict = {}
     monitor.observe(0)
     train(model, optimizer, monitor, range(1, 31), checkpoints=checkpoints, at=(20,))
+    monitor.flush()  # the sink runs in its own thread: let it take every snapshot so far before copying them
     a = Recorder()
     a.snapshots = list(sink.snapshots)
     model.load_state_dict(checkpoints[20]["model"])

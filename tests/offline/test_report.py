@@ -33,7 +33,7 @@ def training_store(tmp_path_factory) -> Path:
     rules = [
         *default_rules(),
         ScaleRunaway(
-            max_growth=1.1, max_over_expectation=None, patience=1, cooldown=100, name="scale_growth_watch"
+            max_growth=1.1, patience=1, cooldown=100, name="scale_growth_watch", level="warning"
         ),
     ]
     batches = byte_batches(4, 32)

@@ -5,8 +5,12 @@ every Python install carries, so nothing is downloaded. It trains through the Hu
 :class:`~weibull_monitor.integrations.hf.WeibullCallback`, logs to offline W&B and TensorBoard and to a run store,
 then draws the report and prints where every output is and how to open it.
 
-The learning rate (3e-3) and decoupled weight decay (0.1) are chosen so that a run of a few minutes already shows
-what the monitor is for: Selection matrices (W_q, W_k) leaving the Gaussian anchor, scales λ growing, T/τ advancing.
+The learning rate (1e-3) and decoupled weight decay (1.0) are chosen so that a run of a few minutes already shows
+what the monitor is for (Selection matrices leaving their start and their λ growing, T/τ reaching about 0.6) and
+stays healthy: the attention of every layer keeps its entropy above 0.7 nats and no alert above info fires. At the earlier
+recipe (lr 3e-3, weight decay 0.1) the last layer's attention went one-hot (entropy below 0.3 nats from step ~175),
+the final loss was worse (2.15 against 1.82 over the last 50 steps), and ``attention_logit_bound`` rightly warned
+(docs/alerts.md §7).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from typing import Any, TextIO
 DEFAULT_STEPS = 600
 BATCH_SIZE = 8
 SEQ_LEN = 64
-LEARNING_RATE = 3e-3
-WEIGHT_DECAY = 0.1
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 1.0
 SNAPSHOTS = 30  # snapshots over the run when --every is not given
 
 #: The demo model: 4 layers, hidden 128, grouped-query attention (4 heads, 2 KV heads); about 0.8M parameters.

@@ -54,6 +54,7 @@ from weibull_monitor.sinks.frozen import frozen_alert
 from weibull_monitor.sinks.guard import GuardedSink
 from weibull_monitor.snapshot import Snapshot, SnapshotBuilder, adapters, collect_entries
 from weibull_monitor.snapshot.budget import TimescaleBudget
+from weibull_monitor.snapshot.logit_bound import attention_logit_bounds
 from weibull_monitor.store import RunStore, StoreError, StoreWriter
 
 __all__ = ["WeibullMonitor"]
@@ -81,6 +82,8 @@ class WeibullMonitor(ResumeMixin):
         rules: alert rules (None: the built-in :func:`weibull_monitor.alerts.default_rules`; [] for none).
         include / exclude: parameter names to watch / skip (glob patterns, a regex or a callable).
         method: ``"histogram"`` (fast, default) or ``"exact"`` (full sort).
+        logit_bounds: compute the weights-only attention-logit bounds (rule ``attention_logit_bound``; on a CPU
+            about 3 read passes of W_q and W_k per layer at hidden 4096, docs/alerts.md §6); False skips them.
         run_name: the run in the store; reusing a name resumes that run (its state is restored from the store);
             a restart from step 0 under a used name supersedes the old timeline, with a warning.
         on_alert: called with every fired :class:`Alert` (exceptions are reported once, never raised).
@@ -111,6 +114,7 @@ class WeibullMonitor(ResumeMixin):
         writer: bool = True,
         sink_timeout: float = 10.0,
         adapter_factors_every: int = 5,
+        logit_bounds: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -132,6 +136,7 @@ class WeibullMonitor(ResumeMixin):
             raise TypeError(f"optimizer has no param_groups: {type(optimizer).__name__}")
         self.every = every
         self.method = method
+        self.logit_bounds = bool(logit_bounds)
         self.include = name_filter(include, "include")
         self.exclude = name_filter(exclude, "exclude")
         self.overrides = overrides
@@ -263,6 +268,12 @@ class WeibullMonitor(ResumeMixin):
         # fitted on their effective weight, frozen ones once (snapshot/adapters.py)
         fitted = self._adapters.fit(entries, self.method)
         fits = fitted.fits
+        bounds = None
+        try:  # weights only, local tensors only (a sharded Q/K is skipped with its reason, never gathered)
+            bounds = attention_logit_bounds(self.model, entries, config) if self.logit_bounds else None
+        except Exception as error:  # a bound that cannot be computed never stops training
+            message = f"weibull-monitor: attention-logit bound failed: {error!r}"
+            self._report_once("logit-bound", message, error)
         for key, fit in fits.items():
             if not fit.ok and key not in skipped and fit.reason:
                 skipped[key] = fit.reason
@@ -277,6 +288,7 @@ class WeibullMonitor(ResumeMixin):
             rates=group_rates(self.optimizer) if self.optimizer is not None else (),
             attention_kind=self._attention_kind,
             expectation=self._expectation,
+            logit_bounds=bounds,
         )
         adapters.report(snapshot, fitted)
         snapshot.alerts = self.engine(snapshot)

@@ -29,6 +29,7 @@ __all__ = [
     "median_stderr",
     "representative_budget",
     "scale_over_sqrt_lr_wd",
+    "scale_rate_update",
 ]
 
 NAN = math.nan
@@ -63,6 +64,10 @@ class MatrixStats:
     k_first: float = NAN  # k at the first snapshot that fitted this matrix (its own starting point)
     drift_from_first: float = NAN  # k - k_first
     drift_from_first_z: float = NAN  # that drift over the combined standard error of the two fits
+    k_first_stderr: float = NAN  # the standard error of k_first
+    scale_rate: float = NAN  # |ln(λ/λ_prev)| per optimizer step since this matrix's previous snapshot
+    scale_rate_max_before: float = NAN  # the largest scale_rate of this matrix at its earlier snapshots
+    scale_rate_count: int = 0  # how many earlier scale_rate values that maximum is taken over
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,17 +91,20 @@ def matrix_stats(
     k_anchor: float,
     scale_first: Mapping[str, float],
     k_first: Mapping[str, tuple[float, float]] | None = None,
+    scale_rates: Mapping[str, tuple[float, float, int]] | None = None,
     group_of: Mapping[str, int | None],
     current_rates: Sequence[tuple[float, float]],
     budget: TimescaleBudget,
     aggregate_excluded: Iterable[str] = (),
 ) -> dict[str, MatrixStats]:
     """Per-matrix dynamics. ``scale_first`` and ``k_first`` hold each matrix's λ and (k, k_stderr) at its first ok
-    fit; ``group_of`` maps a matrix key to its optimizer group index (None: not optimised); ``current_rates`` are the
-    groups' (η, λ_wd) now; ``aggregate_excluded`` are keys (fused parents with split views) that stay out of the
+    fit; ``scale_rates`` each matrix's (scale_rate, scale_rate_max_before, scale_rate_count) at this snapshot
+    (:func:`scale_rate_update`); ``group_of`` maps a matrix key to its optimizer group index (None: not
+    optimised); ``current_rates`` are the groups' (η, λ_wd) now; ``aggregate_excluded`` are keys (fused parents with split views) that stay out of the
     class aggregates."""
     excluded = set(aggregate_excluded)
     k_first = k_first or {}
+    scale_rates = scale_rates or {}
     metric_keys = keys.matrix_metric_keys(roles)
     out: dict[str, MatrixStats] = {}
     for key, fit in fits.items():
@@ -125,6 +133,9 @@ def matrix_stats(
             scale_over_sqrt_lr_wd=scale_over_sqrt_lr_wd(scale, lr, wd),
             scale_over_sqrt_peak_lr_wd=scale_over_sqrt_lr_wd(scale, peak, wd),
             **_from_first(k, fit.k_stderr if ok else NAN, k_first.get(key)),
+            **dict(
+                zip(("scale_rate", "scale_rate_max_before", "scale_rate_count"), scale_rates.get(key, ()))
+            ),
         )
     return out
 
@@ -137,9 +148,28 @@ def _from_first(k: float, stderr: float, first: tuple[float, float] | None) -> d
     drift = k - k0 if is_finite_number(k) else NAN
     return {
         "k_first": k0,
+        "k_first_stderr": se0,
         "drift_from_first": drift,
         "drift_from_first_z": _ratio(drift, math.hypot(stderr, se0)) if is_finite_number(stderr) else NAN,
     }
+
+
+def scale_rate_update(
+    previous: tuple[int, float] | None, history: tuple[float, int] | None, step: int, scale: float
+) -> tuple[tuple[float, float, int], tuple[int, float] | None, tuple[float, int]]:
+    """One matrix's scale rate at ``step``: ((scale_rate, max before, count before), the new previous (step, λ),
+    the new history (max, count)). ``previous``: (step, λ) at its last snapshot; ``history``: (largest rate, number
+    of rates) at its earlier snapshots. A fit without a scale, or a step at or before the previous one (a repeated
+    snapshot), changes nothing."""
+    max_before, count = history if history is not None else (NAN, 0)
+    unchanged = (max_before, count)
+    if not (is_finite_number(scale) and scale > 0) or (previous is not None and step <= previous[0]):
+        return (NAN, max_before, count), previous, unchanged
+    if previous is None:
+        return (NAN, max_before, count), (step, scale), unchanged
+    rate = abs(math.log(scale / previous[1])) / (step - previous[0])
+    new_max = max(max_before, rate) if is_finite_number(max_before) else rate
+    return (rate, max_before, count), (step, scale), (new_max, count + 1)
 
 
 def median_stderr(stderrs: Iterable[float]) -> float:

@@ -52,3 +52,9 @@ class Snapshot:
     adapter_fits: dict[str, WeibullFit] = field(default_factory=dict)  # LoRA factor -> fit (in no class)
     wall_time: float = field(default_factory=time.time)  # seconds since the epoch
     duration_s: float = 0.0  # time the snapshot took on this rank
+    # weights-only attention-logit bounds (snapshot/logit_bound.py): layer -> one value per query head, now and at
+    # the layer's first snapshot; layers without a bound, with the reason; whether the attention has qk-norm
+    logit_bounds: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    logit_bounds_first: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    logit_bounds_skipped: dict[int, str] = field(default_factory=dict)
+    attention_qk_norm: bool | None = None

@@ -49,6 +49,8 @@ def main(out: Path) -> None:
         "aggregates": len(snapshot.aggregates),
         "max_dk": max(abs(snapshot.fits[k].k - reference[k].k) for k in snapshot.fits),
         "max_dscale": max(abs(snapshot.fits[k].scale / reference[k].scale - 1) for k in snapshot.fits),
+        "logit_bounds": len(snapshot.logit_bounds),
+        "logit_bounds_skipped": {str(layer): reason for layer, reason in snapshot.logit_bounds_skipped.items()},
     }
     (out / "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()

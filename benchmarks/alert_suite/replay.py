@@ -1,0 +1,256 @@
+"""Rebuild snapshot objects from a RunStore and feed any rule set through an AlertEngine.
+
+The rebuilt objects carry what the built-in rules read (``fits``, ``roles``, ``matrices``, ``aggregates``,
+``step``, ``attention_kind``, ``expectation``, ``T_over_tau``) as small duck-typed records, so the replay does not
+depend on where the package keeps its dataclasses. Two extra fields let prototype rules read what the monitor does
+not store today: ``extras`` (per-snapshot weights-only signals from the run's signals.json, e.g. per-head
+‖W_q^h W_k^hᵀ‖₂) and ``first`` (the matrix's fit at its first snapshot; the monitor keeps only λ_first today).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAN = math.nan
+
+
+def _f(x: Any) -> float:
+    return NAN if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class Fit:
+    k: float
+    scale: float
+    r2: float
+    n: int
+    n_zero: int
+    n_nonfinite: int
+    k_stderr: float
+    scale_rel_stderr: float
+    method: str
+    ok: bool
+    reason: str | None
+    q10: float = NAN
+    q50: float = NAN
+    q90: float = NAN
+    q99: float = NAN
+    q999: float = NAN
+
+    @staticmethod
+    def _ratio(a: float, b: float) -> float:
+        return a / b if math.isfinite(a) and math.isfinite(b) and b != 0 else NAN
+
+    @property
+    def q90_over_q10(self) -> float:
+        return self._ratio(self.q90, self.q10)
+
+    @property
+    def q99_over_q50(self) -> float:
+        return self._ratio(self.q99, self.q50)
+
+    @property
+    def q999_over_q50(self) -> float:
+        return self._ratio(self.q999, self.q50)
+
+
+@dataclass(frozen=True)
+class Role:
+    layer: int | None
+    component: str
+    klass: str
+    expert: int | None = None
+    stack: str | None = None
+    fused_parent: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    metric_key: str | None
+    in_aggregates: bool
+    drift: float
+    drift_z: float
+    scale_growth: float
+    lr: float
+    lr_peak: float
+    weight_decay: float
+    T_over_tau: float
+    scale_over_sqrt_lr_wd: float
+    scale_over_sqrt_peak_lr_wd: float
+    # recomputed here the way the package's SnapshotBuilder does (stores written before these fields lack them)
+    k_first: float = NAN
+    k_first_stderr: float = NAN
+    drift_from_first: float = NAN
+    drift_from_first_z: float = NAN
+    scale_rate: float = NAN
+    scale_rate_max_before: float = NAN
+    scale_rate_count: int = 0
+
+
+@dataclass
+class ReplaySnapshot:
+    step: int
+    fits: dict[str, Fit]
+    roles: dict[str, Role]
+    aggregates: dict[str, float]
+    matrices: dict[str, Stats]
+    attention_kind: str | None
+    expectation: str | None
+    T_over_tau: float | None
+    first: dict[str, Fit] = field(default_factory=dict)  # each matrix's fit at its first snapshot
+    extras: dict[str, Any] = field(default_factory=dict)
+    alerts: list[Any] = field(default_factory=list)
+    # the package's Snapshot fields, from the run's signals (the weights-only per-head figures)
+    logit_bounds: dict[int, list[float]] = field(default_factory=dict)
+    logit_bounds_first: dict[int, list[float]] = field(default_factory=dict)
+    attention_qk_norm: bool | None = None
+
+
+_STAT_FIELDS = (
+    "drift", "drift_z", "scale_growth", "lr", "lr_peak", "weight_decay", "T_over_tau",
+    "scale_over_sqrt_lr_wd", "scale_over_sqrt_peak_lr_wd",
+)  # fmt: skip
+
+
+def store_runs(store_path: Path) -> list[tuple[int, str]]:
+    """(run_id, name) of every run in a store."""
+    from weibull_monitor import RunStore
+
+    store = RunStore(store_path, read_only=True)
+    try:
+        return [(int(r["run_id"]), str(r["name"])) for r in store.runs()]
+    finally:
+        store.close()
+
+
+def load_snapshots(
+    store_path: Path, extras: Callable[[int], dict[str, Any]] | None = None, run_id: int | None = None
+) -> list[ReplaySnapshot]:
+    """Every snapshot of one run in ``store_path`` (the only one unless ``run_id`` says which), in step order."""
+    from weibull_monitor import RunStore
+
+    store = RunStore(store_path, read_only=True)
+    try:
+        if run_id is None:
+            runs = store.runs()
+            if len(runs) != 1:
+                raise ValueError(f"{store_path}: expected one run, found {len(runs)}; pass run_id")
+            run_id = runs[0]["run_id"]
+        snap_rows = store.snapshots(run_id)
+        fit_rows = store.fits(run_id=run_id)
+        agg_rows = store.aggregates(run_id=run_id)
+    finally:
+        store.close()
+    fits_by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in fit_rows:
+        fits_by_step.setdefault(row["step"], []).append(row)
+    aggs_by_step: dict[int, dict[str, float]] = {}
+    for row in agg_rows:
+        if row["value"] is not None:
+            aggs_by_step.setdefault(row["step"], {})[row["metric"]] = float(row["value"])
+    from weibull_monitor.snapshot.dynamics import scale_rate_update
+
+    first: dict[str, Fit] = {}
+    scale_prev: dict[str, Any] = {}
+    scale_history: dict[str, Any] = {}
+    out = []
+    for srow in snap_rows:
+        step = int(srow["step"])
+        fits, roles, stats = {}, {}, {}
+        for row in fits_by_step.get(step, []):
+            key = row["name"]
+            fit = Fit(
+                k=_f(row["k"]), scale=_f(row["scale"]), r2=_f(row["r2"]), n=int(row["n"] or 0),
+                n_zero=int(row["n_zero"] or 0), n_nonfinite=int(row["n_nonfinite"] or 0),
+                k_stderr=_f(row["k_stderr"]), scale_rel_stderr=_f(row["scale_rel_stderr"]),
+                method=row["method"] or "", ok=bool(row["ok"]), reason=row["reason"],
+                q10=_f(row["q10"]), q50=_f(row["q50"]), q90=_f(row["q90"]), q99=_f(row["q99"]),
+                q999=_f(row["q999"]),
+            )  # fmt: skip
+            fits[key] = fit
+            if fit.ok and key not in first:
+                first[key] = fit
+            if row["klass"] is not None:
+                roles[key] = Role(
+                    row["layer"],
+                    row["component"],
+                    row["klass"],
+                    row["expert"],
+                    row["stack"],
+                    row["fused_parent"],
+                )
+            stats[key] = Stats(
+                metric_key=row["metric_key"],
+                in_aggregates=bool(row["in_aggregates"]),
+                **{name: _f(row[name]) for name in _STAT_FIELDS},
+                **_from_first(fit, first.get(key)),
+                **_rate(fit, key, step, scale_prev, scale_history, scale_rate_update),
+            )
+        extra = extras(step) if extras is not None else {}
+        bounds, bounds_first = extra.get("qk_head_norms") or [], extra.get("qk_head_norms_first") or []
+        out.append(
+            ReplaySnapshot(
+                logit_bounds=dict(enumerate(bounds)),
+                logit_bounds_first=dict(enumerate(bounds_first)),
+                attention_qk_norm=extra.get("qk_norm"),
+                step=step,
+                fits=fits,
+                roles=roles,
+                aggregates=aggs_by_step.get(step, {}),
+                matrices=stats,
+                attention_kind=srow["attention_kind"],
+                expectation=srow["expectation"],
+                T_over_tau=srow["T_over_tau"],
+                first=dict(first),
+                extras=extra,
+            )
+        )
+    return out
+
+
+def _from_first(fit: Fit, first: Fit | None) -> dict[str, float]:
+    if first is None or not fit.ok:
+        return {}
+    drift = fit.k - first.k
+    se = math.hypot(fit.k_stderr, first.k_stderr)
+    return {
+        "k_first": first.k,
+        "k_first_stderr": first.k_stderr,
+        "drift_from_first": drift,
+        "drift_from_first_z": drift / se if se > 0 else NAN,
+    }
+
+
+def _rate(fit: Fit, key: str, step: int, prev: dict, history: dict, update: Callable) -> dict[str, Any]:
+    if not fit.ok:
+        return {}
+    (rate, before, count), new_prev, new_history = update(prev.get(key), history.get(key), step, fit.scale)
+    if new_prev is not None:
+        prev[key] = new_prev
+    history[key] = new_history
+    return {"scale_rate": rate, "scale_rate_max_before": before, "scale_rate_count": count}
+
+
+@dataclass(frozen=True)
+class FiredAlert:
+    step: int
+    rule: str
+    level: str
+    key: str
+    message: str
+
+
+def replay(snapshots: Iterable[ReplaySnapshot], rules: Sequence[Any]) -> list[FiredAlert]:
+    """Feed the snapshots, in order, through a fresh AlertEngine holding ``rules`` (fresh instances, please)."""
+    from weibull_monitor import AlertEngine
+
+    engine = AlertEngine(list(rules))
+    fired = []
+    for snapshot in snapshots:
+        for alert in engine(snapshot):
+            fired.append(FiredAlert(alert.step, alert.rule, alert.level, alert.key, alert.message))
+    return fired
