@@ -3,7 +3,10 @@
 ``WeibullMonitor.snapshot(step)`` (entries, fits, dynamics, aggregates, alerts; no store, no sinks) of a LLaMA-shaped
 model, fp32 and bf16, against the read floor of ``benchmarks/floor.py`` (the fastest of ``vector_norm(m, 2)``,
 ``m.sum()`` and a copy into a preallocated buffer over exactly the matrices the snapshot reads), interleaved in
-each repeat. Also timed: ``fit_many`` over the same matrices (the fit engine alone).
+each repeat. Also timed: ``fit_many`` over the same matrices (the fit engine alone), and the snapshot with the
+weights-only attention-logit bounds (``logit_bounds=True``, the default; ``snap+lb``): the bound is extra work on
+W_q and W_k (two Gram products per layer, docs/alerts.md), not a read of the weights, so the ratio to the read floor
+is quoted for the snapshot without it and the bound's cost beside it.
 
 ``--layerwise`` builds a larger model (default 1B-shaped: hidden 2048) one decoder layer at a time, snapshots each
 layer with its own monitor and sums the layers' medians, so the ratio is measured on 1B-scale matrices without
@@ -44,27 +47,30 @@ def measure(model: torch.nn.Module, repeats: int) -> dict[str, object]:
     from weibull_monitor.monitor import WeibullMonitor
     from weibull_monitor.snapshot import collect_entries
 
-    monitor = WeibullMonitor(model, None, every=10**9, store=None, rules=[])
+    monitor = WeibullMonitor(model, None, every=10**9, store=None, rules=[], logit_bounds=False)
+    bounded = WeibullMonitor(model, None, every=10**9, store=None, rules=[])
     entries = collect_entries(model, monitor.roles, getattr(model, "config", None))
     named = [(entry.key, entry.matrix.tensor.detach()) for entry in entries]
     floor = ReadFloor([t for _, t in named])
     step = 0
 
-    def snapshot() -> None:
+    def snapshot(which: WeibullMonitor = monitor) -> None:
         nonlocal step
         step += 1
-        monitor.snapshot(step)
+        which.snapshot(step)
 
-    floor.time_once(), fit_many(named), snapshot()  # warm-up: thread pool, tables, role map
+    floor.time_once(), fit_many(named), snapshot(), snapshot(bounded)  # warm-up: pool, tables, role map
     floor.times = {name: [] for name in floor.times}
-    times: dict[str, list[float]] = {"fit_many": [], "snapshot": [], "snapshot_cpu": []}
+    times: dict[str, list[float]] = {"fit_many": [], "snapshot": [], "snapshot_cpu": [], "snapshot_bound": []}
     for _ in range(repeats):
         floor.time_once()
         times["fit_many"].append(timed_ms(lambda: fit_many(named)))
         cpu = time.process_time()
         times["snapshot"].append(timed_ms(snapshot))
         times["snapshot_cpu"].append((time.process_time() - cpu) * 1e3)  # every thread of the process
+        times["snapshot_bound"].append(timed_ms(lambda: snapshot(bounded)))
     monitor.close()
+    bounded.close()
     return {"floor": floor, "matrices": len(named), "elements": sum(t.numel() for _, t in named), **times}
 
 
@@ -75,16 +81,18 @@ def report(label: str, t: dict[str, object]) -> None:
     snap = statistics.median(t["snapshot"])  # type: ignore[arg-type]
     fit = statistics.median(t["fit_many"])  # type: ignore[arg-type]
     cpu = statistics.median(t["snapshot_cpu"])  # type: ignore[arg-type]
+    bound = statistics.median(t["snapshot_bound"])  # type: ignore[arg-type]
     print(
         f"{label:>10} {t['matrices']:>8} {t['elements'] / 1e6:8.1f}M {medians['l2']:7.1f} {medians['sum']:7.1f} "
         f"{medians['copy']:7.1f} {base:7.1f} {fit:8.1f} {snap:8.1f} {cpu:8.1f} {fit / base:6.2f} {snap / base:6.2f}"
+        f" {bound:9.1f} {bound / base:7.2f}"
     )
 
 
 def header() -> None:
     print(
         f"{'model':>10} {'matrices':>8} {'elements':>9} {'l2 ms':>7} {'sum ms':>7} {'copy ms':>7} {'floor':>7} "
-        f"{'fit ms':>8} {'snap ms':>8} {'snap cpu':>8} {'fit/fl':>6} {'snap/fl':>6}"
+        f"{'fit ms':>8} {'snap ms':>8} {'snap cpu':>8} {'fit/fl':>6} {'snap/fl':>6} {'snap+lb ms':>9} {'+lb/fl':>7}"
     )
 
 
@@ -101,6 +109,7 @@ def layerwise(params: float, hidden: int, dtype: torch.dtype, repeats: int) -> d
         "fit_many": [0.0],
         "snapshot": [0.0],
         "snapshot_cpu": [0.0],
+        "snapshot_bound": [0.0],
     }
     floors: dict[str, float] = {name: 0.0 for name in ("l2", "sum", "copy")}
     torch.manual_seed(0)
@@ -113,7 +122,7 @@ def layerwise(params: float, hidden: int, dtype: torch.dtype, repeats: int) -> d
         t = measure(layer, repeats)
         for name, ms in t["floor"].medians().items():  # type: ignore[union-attr]
             floors[name] += ms
-        for key in ("fit_many", "snapshot", "snapshot_cpu"):
+        for key in ("fit_many", "snapshot", "snapshot_cpu", "snapshot_bound"):
             total[key][0] += statistics.median(t[key])  # type: ignore[index, arg-type]
         total["matrices"] += t["matrices"]  # type: ignore[operator]
         total["elements"] += t["elements"]  # type: ignore[operator]

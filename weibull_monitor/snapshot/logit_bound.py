@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from weibull_monitor.distributed.matrix import LocalMatrix
+from weibull_monitor.estimator.histogram import torch_on_one_thread
 from weibull_monitor.models.config import head_counts
 from weibull_monitor.models.roles import layer_of
 from weibull_monitor.snapshot.record import MatrixEntry
@@ -154,6 +155,9 @@ def attention_logit_bounds(
             bound = head_dim**-0.5 * n * float(g_q.detach().abs().max()) * float(g_k.detach().abs().max())
             out.bounds[layer] = [bound] * heads
             continue
-        out.bounds[layer] = _head_bounds(q, k, head_dim, input_gains.get(layer))
+        # one torch thread: the per-head Cholesky and eigvalsh calls on head_dim² matrices are too small to share,
+        # and a second OpenMP thread made them 5-20x slower here (docs/alerts.md, the bound's cost)
+        with torch_on_one_thread(q.device):
+            out.bounds[layer] = _head_bounds(q, k, head_dim, input_gains.get(layer))
     out.seconds = time.perf_counter() - started
     return out
