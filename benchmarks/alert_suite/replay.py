@@ -1,10 +1,11 @@
 """Rebuild snapshot objects from a RunStore and feed any rule set through an AlertEngine.
 
-The rebuilt objects carry what the built-in rules read (``fits``, ``roles``, ``matrices``, ``aggregates``,
-``step``, ``attention_kind``, ``expectation``, ``T_over_tau``) as small duck-typed records, so the replay does not
-depend on where the package keeps its dataclasses. Two extra fields let prototype rules read what the monitor does
-not store today: ``extras`` (per-snapshot weights-only signals from the run's signals.json, e.g. per-head
-‖W_q^h W_k^hᵀ‖₂) and ``first`` (the matrix's fit at its first snapshot; the monitor keeps only λ_first today).
+The rebuilt snapshots carry what the built-in rules read (``fits``, ``roles``, ``matrices``, ``aggregates``,
+``step``, ``attention_kind``, ``expectation``, ``T_over_tau``) in the package's own records (``WeibullFit``,
+``Role``, ``MatrixStats``), with the per-matrix statistics from the first snapshot and the scale rates recomputed
+the way the SnapshotBuilder does (stores written before those fields lack them). Two extra fields: ``extras``
+(per-snapshot weights-only signals from the run's signals.json, e.g. the per-head logit bounds, which the store does
+not keep) and ``first`` (each matrix's fit at its first snapshot).
 """
 
 from __future__ import annotations
@@ -15,80 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weibull_monitor.estimator import WeibullFit as Fit
+from weibull_monitor.models import Role
+from weibull_monitor.snapshot.dynamics import MatrixStats as Stats
+
 NAN = math.nan
 
 
 def _f(x: Any) -> float:
     return NAN if x is None else float(x)
-
-
-@dataclass(frozen=True)
-class Fit:
-    k: float
-    scale: float
-    r2: float
-    n: int
-    n_zero: int
-    n_nonfinite: int
-    k_stderr: float
-    scale_rel_stderr: float
-    method: str
-    ok: bool
-    reason: str | None
-    q10: float = NAN
-    q50: float = NAN
-    q90: float = NAN
-    q99: float = NAN
-    q999: float = NAN
-
-    @staticmethod
-    def _ratio(a: float, b: float) -> float:
-        return a / b if math.isfinite(a) and math.isfinite(b) and b != 0 else NAN
-
-    @property
-    def q90_over_q10(self) -> float:
-        return self._ratio(self.q90, self.q10)
-
-    @property
-    def q99_over_q50(self) -> float:
-        return self._ratio(self.q99, self.q50)
-
-    @property
-    def q999_over_q50(self) -> float:
-        return self._ratio(self.q999, self.q50)
-
-
-@dataclass(frozen=True)
-class Role:
-    layer: int | None
-    component: str
-    klass: str
-    expert: int | None = None
-    stack: str | None = None
-    fused_parent: str | None = None
-
-
-@dataclass(frozen=True)
-class Stats:
-    metric_key: str | None
-    in_aggregates: bool
-    drift: float
-    drift_z: float
-    scale_growth: float
-    lr: float
-    lr_peak: float
-    weight_decay: float
-    T_over_tau: float
-    scale_over_sqrt_lr_wd: float
-    scale_over_sqrt_peak_lr_wd: float
-    # recomputed here the way the package's SnapshotBuilder does (stores written before these fields lack them)
-    k_first: float = NAN
-    k_first_stderr: float = NAN
-    drift_from_first: float = NAN
-    drift_from_first_z: float = NAN
-    scale_rate: float = NAN
-    scale_rate_max_before: float = NAN
-    scale_rate_count: int = 0
 
 
 @dataclass
