@@ -19,6 +19,7 @@ from typing import Any
 from weibull_monitor.estimator import WeibullFit as Fit
 from weibull_monitor.models import Role
 from weibull_monitor.snapshot.dynamics import MatrixStats as Stats
+from weibull_monitor.snapshot.dynamics import stats_from_first
 
 NAN = math.nan
 
@@ -123,7 +124,11 @@ def load_snapshots(
                 metric_key=row["metric_key"],
                 in_aggregates=bool(row["in_aggregates"]),
                 **{name: _f(row[name]) for name in _STAT_FIELDS},
-                **_from_first(fit, first.get(key)),
+                **(
+                    stats_from_first(fit.k, fit.k_stderr, (first[key].k, first[key].k_stderr))
+                    if fit.ok and key in first
+                    else {}
+                ),
                 **_rate(fit, key, step, scale_prev, scale_history, scale_rate_update),
             )
         extra = extras(step) if extras is not None else {}
@@ -146,19 +151,6 @@ def load_snapshots(
             )
         )
     return out
-
-
-def _from_first(fit: Fit, first: Fit | None) -> dict[str, float]:
-    if first is None or not fit.ok:
-        return {}
-    drift = fit.k - first.k
-    se = math.hypot(fit.k_stderr, first.k_stderr)
-    return {
-        "k_first": first.k,
-        "k_first_stderr": first.k_stderr,
-        "drift_from_first": drift,
-        "drift_from_first_z": drift / se if se > 0 else NAN,
-    }
 
 
 def _rate(fit: Fit, key: str, step: int, prev: dict, history: dict, update: Callable) -> dict[str, Any]:

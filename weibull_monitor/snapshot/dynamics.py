@@ -30,6 +30,7 @@ __all__ = [
     "representative_budget",
     "scale_over_sqrt_lr_wd",
     "scale_rate_update",
+    "stats_from_first",
 ]
 
 NAN = math.nan
@@ -132,7 +133,7 @@ def matrix_stats(
             T_over_tau=budget.budget(group) if group is not None else NAN,
             scale_over_sqrt_lr_wd=scale_over_sqrt_lr_wd(scale, lr, wd),
             scale_over_sqrt_peak_lr_wd=scale_over_sqrt_lr_wd(scale, peak, wd),
-            **_from_first(k, fit.k_stderr if ok else NAN, k_first.get(key)),
+            **stats_from_first(k, fit.k_stderr if ok else NAN, k_first.get(key)),
             **dict(
                 zip(("scale_rate", "scale_rate_max_before", "scale_rate_count"), scale_rates.get(key, ()))
             ),
@@ -140,8 +141,9 @@ def matrix_stats(
     return out
 
 
-def _from_first(k: float, stderr: float, first: tuple[float, float] | None) -> dict[str, float]:
-    """k at the matrix's first fit, the drift since, and that drift in combined standard errors."""
+def stats_from_first(k: float, stderr: float, first: tuple[float, float] | None) -> dict[str, float]:
+    """k at the matrix's first fit, the drift since, and that drift in combined standard errors (``first``: the
+    (k, k_stderr) of that first fit; the MatrixStats fields ``k_first`` ... ``drift_from_first_z``)."""
     if first is None:
         return {"k_first": NAN, "drift_from_first": NAN, "drift_from_first_z": NAN}
     k0, se0 = first
